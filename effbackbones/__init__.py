@@ -1,0 +1,16 @@
+"""effbackbones: efficient mobile vision transformers as OpenMMLab dense-prediction backbones.
+
+Importing the package registers every backbone in the ``effbackbones`` registry scope, so
+mmdet/mmseg configs can use ``custom_imports=dict(imports=['effbackbones'])`` and
+``backbone=dict(type='effbackbones.SwiftFormer', arch='l1', ...)``.
+"""
+from . import compat  # noqa: F401  (torch>=2.6 weights_only fix for mmengine resume)
+from .checkpoint import CheckpointError, load_checkpoint_file, load_pretrained
+from .models import *  # noqa: F401,F403
+from .models import __all__ as _model_names
+from .registry import MODELS
+
+__version__ = '0.1.0'
+
+__all__ = ['MODELS', 'CheckpointError', 'load_checkpoint_file', 'load_pretrained',
+           '__version__'] + list(_model_names)

@@ -1,0 +1,263 @@
+"""Loading foreign checkpoints into effbackbones backbones, loudly.
+
+The path a user takes is ``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` ->
+``backbone.init_weights()`` -> :func:`load_pretrained`. It
+
+1. reads the file safely (:func:`load_checkpoint_file`: ``weights_only=True`` with a small
+   allow-list; anything else needs an explicit ``allow_unsafe=True``),
+2. unwraps it (``model`` / ``state_dict`` / ``state_dict_ema`` / raw) and strips ``module.`` /
+   ``backbone.`` prefixes (or keeps only the keys under an explicit ``prefix``),
+3. converts the layout with the family's ``checkpoint_filter_fn`` (official, timm, ours),
+4. compares with the model and logs a one-screen report (matched / new / ignored / missing /
+   unexpected), and
+5. refuses to leave random weights behind silently: shape mismatches, an empty match, backbone
+   tensors missing from the file or tensors the backbone does not know are errors
+   (``strict=False`` turns the last two into warnings).
+"""
+import argparse
+import fnmatch
+import os
+import os.path as osp
+import pickle
+import re
+from collections import OrderedDict
+
+import torch
+
+from mmengine.logging import MMLogger, print_log
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for the requested backbone."""
+
+
+# Objects that official releases carry next to their tensors (``args`` of the training script).
+SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
+
+_WRAPPER_KEYS = ('state_dict', 'model', 'state_dict_ema', 'model_ema', 'module')
+_STRIP_PREFIXES = ('module.', 'backbone.', 'model.')
+
+
+def _resolve_path(path):
+    path = os.fspath(path)
+    if path.startswith(('http://', 'https://')):
+        cache = osp.join(torch.hub.get_dir(), 'checkpoints')
+        os.makedirs(cache, exist_ok=True)
+        dst = osp.join(cache, osp.basename(path.split('?')[0]))
+        if not osp.exists(dst):
+            torch.hub.download_url_to_file(path, dst)
+        return dst
+    path = osp.expanduser(path)
+    if not osp.isfile(path):
+        raise FileNotFoundError(
+            f'checkpoint file not found: {path!r}. Download the released ImageNet weights of the '
+            f'official repository (or timm) and give their local path in '
+            f"init_cfg=dict(type='Pretrained', checkpoint=...).")
+    return path
+
+
+def load_checkpoint_file(path, map_location='cpu', allow_unsafe=False):
+    """Read a checkpoint file with ``torch.load(weights_only=True)``.
+
+    Only tensors, containers, primitive types and :data:`SAFE_CHECKPOINT_GLOBALS` are accepted.
+    A file that needs anything else (arbitrary pickled objects can run code) raises
+    :class:`CheckpointError` unless ``allow_unsafe=True`` is given for a file you trust.
+    """
+    path = _resolve_path(path)
+    if allow_unsafe:
+        print_log(f'loading {path} with weights_only=False (allow_unsafe=True): only do this '
+                  f'for files you trust', logger='current', level=30)
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f'{path} holds objects outside the weights-only allow-list, so it was not loaded '
+            f'(unpickling arbitrary objects can execute code). If you trust the file, pass '
+            f"allow_unsafe=True (init_cfg=dict(type='Pretrained', checkpoint=..., "
+            f'allow_unsafe=True)), or re-save it with tools/convert_checkpoint.py. '
+            f'Details: {str(exc).splitlines()[0]}') from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f'could not read {path}: it is corrupt, truncated or not a PyTorch checkpoint '
+            f'({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}).') from None
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def unwrap_state_dict(ckpt):
+    """Return ``(state_dict, wrapper)`` for a raw or wrapped checkpoint.
+
+    Accepts ``{'model': sd}`` (EfficientFormer, SwiftFormer, LeViT releases), ``{'state_dict': sd}``
+    (timm checkpoint saver, mmengine), ``{'state_dict_ema': sd}`` and a raw ``sd``.
+    """
+    if _is_state_dict(ckpt):
+        return OrderedDict(ckpt), 'raw'
+    if isinstance(ckpt, dict):
+        for key in _WRAPPER_KEYS:
+            if key in ckpt and isinstance(ckpt[key], dict):
+                inner = ckpt[key]
+                tensors = OrderedDict((k, v) for k, v in inner.items() if torch.is_tensor(v))
+                if tensors:
+                    return tensors, key
+        tensors = OrderedDict((k, v) for k, v in ckpt.items()
+                              if isinstance(k, str) and torch.is_tensor(v))
+        if tensors:
+            return tensors, 'raw'
+    raise CheckpointError(
+        'the checkpoint holds no tensors under any of the keys '
+        f"{', '.join(_WRAPPER_KEYS)} nor at its top level (top-level keys: "
+        f"{sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__}).")
+
+
+def strip_prefix(state_dict, prefix=None):
+    """Keep the keys under ``prefix`` (given), or strip the usual wrapper prefixes (auto)."""
+    if prefix:
+        if not prefix.endswith('.'):
+            prefix += '.'
+        out = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items()
+                          if k.startswith(prefix))
+        if not out:
+            raise CheckpointError(f'no key of the checkpoint starts with prefix {prefix!r}')
+        return out
+    changed = True
+    while changed:
+        changed = False
+        for p in _STRIP_PREFIXES:
+            if state_dict and all(k.startswith(p) for k in state_dict):
+                state_dict = OrderedDict((k[len(p):], v) for k, v in state_dict.items())
+                changed = True
+        # mmdet/mmseg detector checkpoints: keep the backbone part
+        if any(k.startswith('backbone.') for k in state_dict) and \
+                any(k.startswith(('neck.', 'decode_head.', 'rpn_head.', 'roi_head.',
+                                  'bbox_head.')) for k in state_dict):
+            state_dict = OrderedDict((k[len('backbone.'):], v) for k, v in state_dict.items()
+                                     if k.startswith('backbone.'))
+            changed = True
+    return state_dict
+
+
+def _match_any(key, patterns):
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def _summarise(keys, limit=6):
+    keys = sorted(keys)
+    # collapse block indices so a report stays on one screen
+    groups = OrderedDict()
+    for k in keys:
+        g = re.sub(r'\.\d+\.', '.*.', k)
+        groups.setdefault(g, 0)
+        groups[g] += 1
+    items = [f'{g} (x{n})' if n > 1 else g for g, n in groups.items()]
+    more = '' if len(items) <= limit else f' ... (+{len(items) - limit} more)'
+    return ', '.join(items[:limit]) + more
+
+
+def load_pretrained(model, checkpoint, prefix=None, strict=True, allow_unsafe=False,
+                    map_location='cpu', logger='current'):
+    """Load ``checkpoint`` (path or dict) into ``model`` through its family's filter.
+
+    ``model`` provides ``checkpoint_filter_fn(state_dict) -> state_dict`` (our key layout), and
+    class attributes ``new_key_patterns`` (tensors a classification checkpoint cannot provide,
+    e.g. output norms) and ``ignored_key_patterns`` (head / final-norm tensors of a
+    classification checkpoint, applied after conversion). Returns the report as a dict.
+    """
+    name = '<state_dict>' if isinstance(checkpoint, dict) else os.fspath(checkpoint)
+    if isinstance(checkpoint, dict):
+        ckpt = checkpoint
+    else:
+        ckpt = load_checkpoint_file(checkpoint, map_location, allow_unsafe)
+    state_dict, wrapper = unwrap_state_dict(ckpt)
+    state_dict = strip_prefix(state_dict, prefix)
+    filter_fn = getattr(model, 'checkpoint_filter_fn', None)
+    converted = filter_fn(state_dict) if filter_fn is not None else state_dict
+    layout = getattr(converted, 'layout', None) or 'native'
+
+    own = model.state_dict()
+    ignored = [k for k in converted if k not in own and
+               _match_any(k, getattr(model, 'ignored_key_patterns', ()))]
+    unexpected = [k for k in converted if k not in own and k not in ignored]
+    mismatched = [(k, tuple(converted[k].shape), tuple(own[k].shape)) for k in converted
+                  if k in own and converted[k].shape != own[k].shape]
+    matched = [k for k in converted if k in own and converted[k].shape == own[k].shape]
+    missing = [k for k in own if k not in converted]
+    new_patterns = tuple(getattr(model, 'new_key_patterns', ()))
+    # Non-persistent caches and bookkeeping buffers never need to come from a file.
+    new = [k for k in missing if _match_any(k, new_patterns) or k.endswith('num_batches_tracked')]
+    missing = [k for k in missing if k not in new]
+
+    arch = getattr(model, 'arch_name', '?')
+    family = type(model).__name__
+    lines = [f'[{family} {arch}] loading {name}: wrapper={wrapper!r}, layout={layout}, '
+             f'{len(state_dict)} tensors in the file',
+             f'  matched   : {len(matched)}/{len(own)} backbone tensors',
+             f'  new       : {len(new)}' + (f'  ({_summarise(new)})' if new else ''),
+             f'  ignored   : {len(ignored)}' + (f'  ({_summarise(ignored)})' if ignored else ''),
+             f'  missing   : {len(missing)}' + (f'  ({_summarise(missing)})' if missing else ''),
+             f'  unexpected: {len(unexpected)}' +
+             (f'  ({_summarise(unexpected)})' if unexpected else '')]
+    if mismatched:
+        lines.append(f'  shape mismatch: {len(mismatched)}  (' + ', '.join(
+            f'{k}: file {a} vs model {b}' for k, a, b in mismatched[:5]) +
+            (' ...' if len(mismatched) > 5 else '') + ')')
+    report_text = '\n'.join(lines)
+    report = dict(matched=matched, new=new, ignored=ignored, missing=missing,
+                  unexpected=unexpected, mismatched=mismatched, wrapper=wrapper, layout=layout,
+                  text=report_text)
+
+    if mismatched:
+        raise CheckpointError(
+            f'{report_text}\nThe checkpoint does not fit {family}(arch={arch!r}): '
+            f'{len(mismatched)} tensors have other shapes. Is it a checkpoint of another '
+            f'variant? Pick the arch the file was trained with.')
+    if not matched:
+        raise CheckpointError(
+            f'{report_text}\nNothing in the checkpoint matches {family}(arch={arch!r}): it is '
+            f'not a checkpoint of this family (or needs prefix=... in init_cfg).')
+    if (missing or unexpected) and strict:
+        raise CheckpointError(
+            f'{report_text}\nThe checkpoint only partly fits {family}(arch={arch!r}): '
+            f'{len(missing)} backbone tensors would stay random and {len(unexpected)} tensors '
+            f'of the file are unknown. Check the arch/variant; pass strict=False in init_cfg '
+            f'to load the matching part anyway.')
+
+    to_load = OrderedDict((k, converted[k]) for k in matched)
+    incompatible = model.load_state_dict(to_load, strict=False)
+    assert not incompatible.unexpected_keys, incompatible.unexpected_keys
+    level = 30 if (missing or unexpected) else 20
+    print_log(report_text, logger=logger, level=level)
+    hook = getattr(model, 'after_load_pretrained', None)
+    if hook is not None:
+        hook()
+    return report
+
+
+class LayoutDict(OrderedDict):
+    """An OrderedDict that remembers which source layout a converter recognised."""
+
+    def __init__(self, *args, layout='native', **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layout = layout
+
+
+def rename_keys(state_dict, rules, layout):
+    """Apply ``[(regex, replacement), ...]`` to every key (first matching rule wins)."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+    out = LayoutDict(layout=layout)
+    for k, v in state_dict.items():
+        for pat, rep in compiled:
+            new, n = pat.subn(rep, k)
+            if n:
+                k = new
+                break
+        out[k] = v
+    return out
+
+
+__all__ = ['CheckpointError', 'SAFE_CHECKPOINT_GLOBALS', 'load_checkpoint_file',
+           'unwrap_state_dict', 'strip_prefix', 'load_pretrained', 'LayoutDict', 'rename_keys']

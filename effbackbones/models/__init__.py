@@ -1,0 +1,4 @@
+from .base import BaseDenseBackbone
+from .swiftformer import SwiftFormer
+
+__all__ = ['BaseDenseBackbone', 'SwiftFormer']

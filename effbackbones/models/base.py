@@ -1,0 +1,205 @@
+"""The contract every effbackbones backbone keeps (mmdet/mmseg style).
+
+``BaseDenseBackbone`` owns what is common to all families so a family file only describes its
+architecture:
+
+* ``arch``: a name from the family's ``arch_zoo`` table or a dict with the same keys;
+* ``out_indices``: which of the stride-4/8/16/32 maps to return (as a tuple of NCHW tensors);
+* input checks with clear ``ValueError``s (channels, rank, side divisibility where needed);
+* ``frozen_stages`` (mmdet semantics: ``0`` freezes the stem, ``k`` the stem and stages
+  ``0..k-1`` with their output norms), ``norm_eval`` (BatchNorms stay in eval mode);
+* ``with_cp``: activation checkpointing of each block while training (``run_block``);
+* ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=None, strict=True,
+  allow_unsafe=False)``: the loud, safe loader of :mod:`effbackbones.checkpoint` with the
+  family's ``checkpoint_filter_fn``;
+* ``switch_to_deploy()``: every sub-module that can fold (BN into conv/linear, cached biases)
+  does so; outputs stay the same in eval mode.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..checkpoint import load_pretrained
+
+
+class BaseDenseBackbone(BaseModule):
+    """Base class: see the module docstring for the contract."""
+
+    #: ``{name: dict(...)}`` per family; aliases map alternative names to canonical ones.
+    arch_zoo = {}
+    arch_aliases = {}
+    #: keys every arch dict must provide
+    arch_keys = ()
+    #: input sides must be multiples of this (``None``: any size works)
+    size_divisor = 32
+    #: strides of the maps the family can return, by out index
+    strides = (4, 8, 16, 32)
+    #: patterns (fnmatch on our key layout) of tensors a classification checkpoint lacks
+    new_key_patterns = ()
+    #: patterns of classification-only tensors (heads, final norm) dropped when loading
+    ignored_key_patterns = ('head.*', 'head_dist.*', 'dist_head.*', 'norm.*')
+
+    def __init__(self, arch, in_channels=3, out_indices=(0, 1, 2, 3), frozen_stages=-1,
+                 norm_eval=False, with_cp=False, drop_path_rate=0.0, init_cfg=None):
+        super().__init__(init_cfg=copy.deepcopy(init_cfg))
+        self.arch_name, self.arch_settings = self._resolve_arch(arch)
+        self.in_channels = int(in_channels)
+        self.out_indices = self._check_out_indices(out_indices)
+        num_groups = len(self.strides) + 1
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages < num_groups:
+            raise ValueError(f'frozen_stages must be an int in [-1, {num_groups - 1}] '
+                             f'(-1: nothing frozen, 0: stem, k: stem + stages 0..k-1), '
+                             f'got {frozen_stages!r}')
+        if not 0.0 <= float(drop_path_rate) < 1.0:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate!r}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = bool(norm_eval)
+        self.with_cp = bool(with_cp)
+        self.drop_path_rate = float(drop_path_rate)
+        self.deploy = False
+
+    # ---------------------------------------------------------------------------------------
+    # arch / argument validation
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def _resolve_arch(cls, arch):
+        if isinstance(arch, str):
+            key = arch.lower().replace('-', '').replace('_', '')
+            key = cls.arch_aliases.get(key, key)
+            if key not in cls.arch_zoo:
+                raise ValueError(f'unknown {cls.__name__} arch {arch!r}; choose one of '
+                                 f'{sorted(cls.arch_zoo)} or pass a dict with keys '
+                                 f'{list(cls.arch_keys)}')
+            return key, copy.deepcopy(cls.arch_zoo[key])
+        if isinstance(arch, dict):
+            missing = [k for k in cls.arch_keys if k not in arch]
+            if missing:
+                raise ValueError(f'custom {cls.__name__} arch dict lacks keys {missing} '
+                                 f'(needs {list(cls.arch_keys)})')
+            return 'custom', copy.deepcopy(dict(arch))
+        raise TypeError(f'arch must be a str or dict, got {type(arch).__name__}')
+
+    def _check_out_indices(self, out_indices):
+        if isinstance(out_indices, int):
+            out_indices = (out_indices,)
+        n = len(self.strides)
+        out = []
+        for i in out_indices:
+            if not isinstance(i, int):
+                raise TypeError(f'out_indices must hold ints, got {out_indices!r}')
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise ValueError(f'out index {i} out of range: {type(self).__name__} has {n} '
+                                 f'outputs (strides {self.strides})')
+            out.append(j)
+        if not out or len(set(out)) != len(out):
+            raise ValueError(f'out_indices must be non-empty and unique, got {out_indices!r}')
+        return tuple(sorted(out))
+
+    def check_input(self, x):
+        """Raise a clear ``ValueError`` for inputs the backbone cannot process."""
+        if not torch.is_tensor(x) or x.dim() != 4:
+            raise ValueError(f'{type(self).__name__} expects an NCHW tensor, got '
+                             f'{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'{type(self).__name__} expects {self.in_channels} input channels '
+                             f'(in_channels={self.in_channels}), got {x.shape[1]} '
+                             f'(input shape {tuple(x.shape)})')
+        d = self.size_divisor
+        if d and (x.shape[2] % d or x.shape[3] % d):
+            raise ValueError(
+                f'{type(self).__name__} needs input sides that are multiples of {d}, got '
+                f'{x.shape[2]}x{x.shape[3]}. Pad the batch (mmdet/mmseg data_preprocessor: '
+                f'pad_size_divisor={d} / size_divisor={d}) or resize.')
+
+    @property
+    def out_channels(self):
+        """Channels of each returned map (in ``out_indices`` order)."""
+        return tuple(self.channels[i] for i in self.out_indices)
+
+    # ---------------------------------------------------------------------------------------
+    # blocks, freezing, train mode
+    # ---------------------------------------------------------------------------------------
+    def run_block(self, block, *args):
+        """Run ``block`` with activation checkpointing when ``with_cp`` and training."""
+        if self.with_cp and self.training and any(
+                torch.is_tensor(a) and a.requires_grad for a in args):
+            return cp.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def stage_groups(self):
+        """``[stem_modules, stage0_modules, ...]``: what ``frozen_stages`` freezes, in order."""
+        raise NotImplementedError
+
+    def _freeze_stages(self):
+        if self.frozen_stages < 0:
+            return
+        for group in self.stage_groups()[:self.frozen_stages + 1]:
+            for m in group:
+                if m is None:
+                    continue
+                m.eval()
+                for p in m.parameters():
+                    p.requires_grad = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    # ---------------------------------------------------------------------------------------
+    # weights
+    # ---------------------------------------------------------------------------------------
+    def checkpoint_filter_fn(self, state_dict):
+        """Convert a foreign layout (official / timm) to ours. Families override."""
+        return state_dict
+
+    def init_weights(self):
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            if not cfg.get('checkpoint'):
+                raise ValueError("init_cfg type='Pretrained' needs checkpoint=PATH")
+            load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'),
+                            strict=cfg.get('strict', True),
+                            allow_unsafe=cfg.get('allow_unsafe', False),
+                            map_location=cfg.get('map_location', 'cpu'))
+            self._is_init = True
+            return
+        self.init_default_weights()
+        super().init_weights()
+
+    def init_default_weights(self):
+        """Random init used when no checkpoint is given (timm-style trunc-normal)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ---------------------------------------------------------------------------------------
+    # deploy
+    # ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def switch_to_deploy(self):
+        """Fold BN into the neighbouring conv/linear layers and cache attention biases.
+
+        The backbone is put in eval mode; outputs stay the same (within float rounding).
+        Irreversible: keep a copy if you want to train again.
+        """
+        self.eval()
+        for m in list(self.modules()):
+            if m is not self and hasattr(m, 'switch_to_deploy'):
+                m.switch_to_deploy()
+        self.deploy = True
+        return self
+
+
+__all__ = ['BaseDenseBackbone']

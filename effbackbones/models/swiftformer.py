@@ -1,0 +1,286 @@
+"""SwiftFormer (Shaker et al., ICCV 2023) as a dense-prediction backbone.
+
+Architecture = the official code (Amshaker/SwiftFormer ``models/swiftformer.py``, the July-2023
+additive attention with ``normalize(A, dim=1)``), dense mode = its ``fork_feat=True`` path: a
+BatchNorm2d on every returned map. Module names follow timm's ``swiftformer`` layout, so timm
+weights load as they are and the official layout is renamed by :meth:`checkpoint_filter_fn`.
+
+    stem            conv3x3/2-BN-ReLU, conv3x3/2-BN-ReLU              stride 4
+    stages[i]       downsample (conv3x3/2 + BN, i > 0) + blocks     strides 4, 8, 16, 32
+      blocks        ConvEncoder x (depth-1), SwiftFormerEncoder x 1
+    out_norms[i]    BatchNorm2d per returned map (official ``norm0/2/4/6``)
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoint import LayoutDict, rename_keys
+from ..registry import MODELS
+from .base import BaseDenseBackbone
+from .layers import LayerScale, drop_path_or_identity, fuse_bn_conv1x1, fuse_conv_bn
+
+
+@torch.no_grad()
+def _fold_scale_into(layer, gamma):
+    """``gamma * layer(x)`` -> ``layer'(x)`` for a conv / linear ``layer`` (per out channel)."""
+    g = gamma.reshape(-1)
+    layer.weight.mul_(g.reshape(-1, *([1] * (layer.weight.dim() - 1))))
+    if layer.bias is not None:
+        layer.bias.mul_(g)
+
+
+class ConvEncoder(nn.Module):
+    """Depth-wise 3x3 conv + BN, then a 1x1 MLP; scaled residual (official ``ConvEncoder``)."""
+
+    def __init__(self, dim, hidden_dim, drop_path=0.0, layer_scale_init=1.0):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.BatchNorm2d(dim)
+        self.pwconv1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.layer_scale = LayerScale(dim, layer_scale_init, spatial=True)
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    def forward(self, x):
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
+        return x + self.drop_path(self.layer_scale(y))
+
+    def switch_to_deploy(self):
+        if isinstance(self.norm, nn.Identity):
+            return
+        self.dwconv = fuse_conv_bn(self.dwconv, self.norm)
+        self.norm = nn.Identity()
+        _fold_scale_into(self.pwconv2, self.layer_scale.gamma)
+        self.layer_scale = nn.Identity()
+
+
+class LocalRepresentation(ConvEncoder):
+    """The official ``SwiftFormerLocalRepresentation``: a ConvEncoder with a dim->dim MLP."""
+
+    def __init__(self, dim):
+        super().__init__(dim, dim, drop_path=0.0, layer_scale_init=1.0)
+
+
+class EfficientAdditiveAttention(nn.Module):
+    """SwiftFormer's additive attention on (B, N, C) tokens (linear in N).
+
+    A global query ``G = sum_n A_n q_n`` with ``A = normalize(q w_g * scale, over tokens)``
+    modulates the keys; the result is projected and added to the queries.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.to_query = nn.Linear(dim, dim)
+        self.to_key = nn.Linear(dim, dim)
+        self.w_g = nn.Parameter(torch.randn(dim, 1))
+        self.scale = dim ** -0.5
+        self.proj = nn.Linear(dim, dim)
+        self.final = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        query = F.normalize(self.to_query(x), dim=-1)
+        key = F.normalize(self.to_key(x), dim=-1)
+        attn = F.normalize((query @ self.w_g) * self.scale, dim=1)   # (B, N, 1) over tokens
+        global_query = (attn * query).sum(dim=1, keepdim=True)       # (B, 1, C)
+        return self.final(self.proj(global_query * key) + query)
+
+
+class ConvMlp(nn.Module):
+    """BN + 1x1-conv MLP (official ``Mlp``)."""
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(dim)
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(self.norm1(x))))))
+
+    def switch_to_deploy(self):
+        if isinstance(self.norm1, nn.Identity):
+            return
+        self.fc1 = fuse_bn_conv1x1(self.norm1, self.fc1)
+        self.norm1 = nn.Identity()
+
+
+class SwiftFormerEncoder(nn.Module):
+    """Local representation -> additive attention -> MLP, each with a scaled residual."""
+
+    def __init__(self, dim, mlp_ratio=4.0, drop_path=0.0, layer_scale_init=1e-5):
+        super().__init__()
+        self.local_representation = LocalRepresentation(dim)
+        self.attn = EfficientAdditiveAttention(dim)
+        self.linear = ConvMlp(dim, int(dim * mlp_ratio))
+        self.layer_scale_1 = LayerScale(dim, layer_scale_init, spatial=True)
+        self.layer_scale_2 = LayerScale(dim, layer_scale_init, spatial=True)
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    def forward(self, x):
+        x = self.local_representation(x)
+        b, c, h, w = x.shape
+        tokens = self.attn(x.flatten(2).transpose(1, 2))
+        x = x + self.drop_path(self.layer_scale_1(tokens.transpose(1, 2).reshape(b, c, h, w)))
+        return x + self.drop_path(self.layer_scale_2(self.linear(x)))
+
+    def switch_to_deploy(self):
+        if isinstance(self.layer_scale_1, nn.Identity):
+            return
+        self.linear.switch_to_deploy()
+        _fold_scale_into(self.attn.final, self.layer_scale_1.gamma)
+        _fold_scale_into(self.linear.fc2, self.layer_scale_2.gamma)
+        self.layer_scale_1 = nn.Identity()
+        self.layer_scale_2 = nn.Identity()
+
+
+class Downsample(nn.Module):
+    """Conv 3x3 stride 2 + BN between stages (official ``Embedding``)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(out_dim)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+    def switch_to_deploy(self):
+        if isinstance(self.norm, nn.Identity):
+            return
+        self.proj = fuse_conv_bn(self.proj, self.norm)
+        self.norm = nn.Identity()
+
+
+class SwiftFormerStage(nn.Module):
+
+    def __init__(self, in_dim, dim, depth, mlp_ratio, drop_path_rates, downsample, num_vit=1):
+        super().__init__()
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        blocks = []
+        for j in range(depth):
+            if depth - j <= num_vit:
+                blocks.append(SwiftFormerEncoder(dim, mlp_ratio, drop_path=drop_path_rates[j]))
+            else:
+                # The official code builds ConvEncoders without drop path; kept for fidelity.
+                blocks.append(ConvEncoder(dim, int(dim * mlp_ratio)))
+        self.blocks = nn.Sequential(*blocks)
+
+
+class Stem(nn.Sequential):
+
+    def __init__(self, in_channels, dim):
+        super().__init__(
+            nn.Conv2d(in_channels, dim // 2, 3, stride=2, padding=1), nn.BatchNorm2d(dim // 2),
+            nn.ReLU(), nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim),
+            nn.ReLU())
+
+    def switch_to_deploy(self):
+        for conv_i, bn_i in ((0, 1), (3, 4)):
+            if isinstance(self[bn_i], nn.BatchNorm2d):
+                self[conv_i] = fuse_conv_bn(self[conv_i], self[bn_i])
+                self[bn_i] = nn.Identity()
+
+
+@MODELS.register_module()
+class SwiftFormer(BaseDenseBackbone):
+    """SwiftFormer backbone returning stride-4/8/16/32 maps.
+
+    Args:
+        arch (str | dict): ``'xs'``, ``'s'``, ``'l1'``, ``'l3'`` or a dict with ``widths``,
+            ``depths`` (and optionally ``mlp_ratio``, ``num_vit``).
+        in_channels (int): input channels. Default 3.
+        out_indices (Sequence[int]): which stages to return. Default all four.
+        drop_path_rate (float): stochastic depth; as in the official code it acts on the
+            SwiftFormerEncoder blocks with the rate of their position in the whole network.
+        frozen_stages (int): -1 none, 0 the stem, k the stem and stages 0..k-1.
+        norm_eval (bool): keep BatchNorms in eval mode while training.
+        with_cp (bool): activation checkpointing per block.
+        init_cfg (dict): ``dict(type='Pretrained', checkpoint=PATH)`` loads an official
+            (ImageNet ``model`` layout or dense ``fork_feat`` layout) or timm checkpoint.
+
+    Input sides need not be multiples of 32: every stride-2 conv pads by 1, so a side ``L``
+    gives maps of ``ceil(L / 4)``, then halves rounding up.
+    """
+    arch_zoo = {
+        'xs': dict(widths=[48, 56, 112, 220], depths=[3, 3, 6, 4]),
+        's': dict(widths=[48, 64, 168, 224], depths=[3, 3, 9, 6]),
+        'l1': dict(widths=[48, 96, 192, 384], depths=[4, 3, 10, 5]),
+        'l3': dict(widths=[64, 128, 320, 512], depths=[4, 4, 12, 6]),
+    }
+    arch_aliases = {'extrasmall': 'xs', 'small': 's'}
+    arch_keys = ('widths', 'depths')
+    size_divisor = None
+    new_key_patterns = ('out_norms.*',)
+
+    def __init__(self, arch='xs', in_channels=3, out_indices=(0, 1, 2, 3), drop_path_rate=0.0,
+                 frozen_stages=-1, norm_eval=False, with_cp=False, init_cfg=None):
+        super().__init__(arch, in_channels, out_indices, frozen_stages, norm_eval, with_cp,
+                         drop_path_rate, init_cfg)
+        widths = list(self.arch_settings['widths'])
+        depths = list(self.arch_settings['depths'])
+        mlp_ratio = self.arch_settings.get('mlp_ratio', 4.0)
+        num_vit = self.arch_settings.get('num_vit', 1)
+        if len(widths) != 4 or len(depths) != 4:
+            raise ValueError('SwiftFormer arch needs 4 widths and 4 depths')
+        self.channels = tuple(widths)
+
+        self.stem = Stem(in_channels, widths[0])
+        total = sum(depths)
+        stages = []
+        for i in range(4):
+            # official per-block rate: drop_path_rate * global_block_index / (total - 1)
+            first = sum(depths[:i])
+            dpr = [self.drop_path_rate * (first + j) / max(total - 1, 1) for j in range(depths[i])]
+            stages.append(SwiftFormerStage(widths[i - 1] if i else widths[0], widths[i],
+                                           depths[i], mlp_ratio, dpr, downsample=i > 0,
+                                           num_vit=num_vit))
+        self.stages = nn.ModuleList(stages)
+        self.out_norms = nn.ModuleList(
+            nn.BatchNorm2d(widths[i]) if i in self.out_indices else nn.Identity()
+            for i in range(4))
+        self._freeze_stages()
+
+    def stage_groups(self):
+        return [[self.stem]] + [[self.stages[i], self.out_norms[i]] for i in range(4)]
+
+    def forward(self, x):
+        self.check_input(x)
+        x = self.stem(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                x = self.run_block(block, x)
+            if i in self.out_indices:
+                outs.append(self.out_norms[i](x))
+            if i >= self.out_indices[-1]:
+                break
+        return tuple(outs)
+
+    # ---------------------------------------------------------------------------------------
+    def checkpoint_filter_fn(self, state_dict):
+        """Official (``patch_embed``/``network``/``norm{0,2,4,6}``) or timm layout -> ours."""
+        keys = list(state_dict)
+        if any(k.startswith(('network.', 'patch_embed.')) for k in keys):
+            rules = [
+                (r'^patch_embed\.', 'stem.'),
+                (r'^network\.(\d+)\.(\d+)\.', lambda m: f'stages.{int(m[1]) // 2}.blocks.{m[2]}.'),
+                (r'^network\.(\d+)\.', lambda m: f'stages.{(int(m[1]) + 1) // 2}.downsample.'),
+                (r'^norm([0246])\.', lambda m: f'out_norms.{int(m[1]) // 2}.'),
+            ]
+            sd = rename_keys(state_dict, rules, layout='official')
+            out = LayoutDict(layout='official')
+            for k, v in sd.items():
+                k = k.replace('.attn.Proj.', '.attn.proj.')
+                if k.endswith(('.layer_scale', '.layer_scale_1', '.layer_scale_2')):
+                    k += '.gamma'
+                out[k] = v
+            return out
+        layout = 'timm' if any(k.startswith('stages.') for k in keys) else 'native'
+        return LayoutDict(state_dict, layout=layout)
+
+
+__all__ = ['SwiftFormer']

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One-time, idempotent environment set-up for effbackbones on a fresh CPU machine.
+#
+#   bash tools/setup_env.sh        (the README's commands call it for you)
+#
+# Creates .venv/ in the repository and installs, in the only order that works here:
+#   1. torch 2.13.0 CPU (pinned, from the local wheel folder: never a CUDA build from the registry)
+#   2. mmcv 2.1.0 *with ops*, built from source (~10-20 min on 2 cores the first time; pip caches
+#      the wheel afterwards so later runs take seconds)
+#   3. mmengine 0.10.7, mmdet 3.3.0, mmsegmentation 1.2.2 (+ ftfy, regex), pytest
+#   4. effbackbones itself, editable
+# A stamp file records a finished set-up, so a second call returns at once.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${EFFB_VENV:-$ROOT/.venv}"
+PY_BOOT="${PYTHON:-python3}"
+STAMP_VERSION="4"   # bump when the pinned set below changes
+STAMP="$VENV/.effbackbones-setup-$STAMP_VERSION"
+
+log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+die() { printf '\n[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+if [ -f "$STAMP" ]; then
+  exit 0
+fi
+
+command -v "$PY_BOOT" >/dev/null || die "python3 not found; install Python 3.11 first."
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtual environment $VENV"
+  "$PY_BOOT" -m venv "$VENV" || die "could not create a venv at $VENV (is python3-venv installed?)"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+log "1/4 torch==2.13.0 (CPU wheel from the local wheel folder)"
+"${PIP[@]}" install -q "torch==2.13.0" \
+  || die "torch 2.13.0 CPU could not be installed. 'pip config list' must show the local wheel folder that holds torch-2.13.0+cpu."
+"$PY" - <<'PY' || die "the installed torch is not the CPU build 2.13.0"
+import torch, sys
+v = torch.__version__
+sys.exit(0 if v.startswith('2.13.0') and torch.version.cuda is None else 1)
+PY
+
+# mmcv's setup.py imports pkg_resources, which setuptools >= 70 dropped; torch only needs newer
+# setuptools for its own install metadata, not at run time.
+log "2/4 build prerequisites (setuptools<70, wheel, ninja, numpy, opencv-python-headless)"
+"${PIP[@]}" install -q "setuptools<70" wheel ninja "numpy<2.3" opencv-python-headless 2>&1 \
+  | grep -v -i "dependency conflicts\|requires setuptools\|incompatible" || true
+"$PY" -c "import pkg_resources" 2>/dev/null || die "pkg_resources is missing (setuptools<70 did not install)"
+
+if "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__=='2.1.0'" 2>/dev/null; then
+  log "     mmcv 2.1.0 with ops already present"
+else
+  log "     building mmcv==2.1.0 with ops: 10-20 minutes on 2 cores the first time (cached afterwards)."
+  log "     progress is printed every 60 s; full log: $VENV/mmcv-build.log"
+  (
+    while sleep 60; do log "     ... still building mmcv ($(grep -c 'Compiling\|\.o$\|ninja\|\[[0-9]*/[0-9]*\]' "$VENV/mmcv-build.log" 2>/dev/null || echo 0) log lines of compile steps)"; done
+  ) &
+  ticker=$!
+  set +e
+  MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
+    "${PIP[@]}" install --no-build-isolation -v "mmcv==2.1.0" > "$VENV/mmcv-build.log" 2>&1
+  rc=$?
+  set -e
+  kill "$ticker" 2>/dev/null || true
+  if [ $rc -ne 0 ]; then
+    tail -40 "$VENV/mmcv-build.log" >&2
+    die "building mmcv 2.1.0 failed (log above, full log $VENV/mmcv-build.log). It needs gcc/g++, the Python headers and torch installed first."
+  fi
+  "$PY" -c "import mmcv.ops" || die "mmcv installed but mmcv.ops does not import: it was built without ops."
+fi
+
+log "3/4 mmengine 0.10.7, mmdet 3.3.0, mmsegmentation 1.2.2, ftfy, regex, pytest"
+"${PIP[@]}" install -q "mmengine==0.10.7" "mmdet==3.3.0" "mmsegmentation==1.2.2" ftfy regex \
+  pycocotools "pytest>=7" "setuptools<70" "numpy<2.3" "torch==2.13.0" 2>&1 \
+  | grep -v -i "dependency conflicts\|requires setuptools\|incompatible" || true
+"$PY" -c "import mmdet, mmseg, mmengine" || die "mmdet/mmseg/mmengine do not import (see the pip output above)"
+
+log "4/4 effbackbones (editable)"
+"${PIP[@]}" install -q --no-build-isolation --no-deps -e "$ROOT" || die "installing effbackbones failed"
+"$PY" -c "import effbackbones" || die "effbackbones does not import"
+
+touch "$STAMP"
+log "done: $("$PY" -c 'import torch,mmcv,mmengine,mmdet,mmseg;print(f"torch {torch.__version__}, mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}")')"
