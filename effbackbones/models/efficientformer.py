@@ -1,0 +1,533 @@
+"""EfficientFormer v1 (Li et al., NeurIPS 2022) as a dense-prediction backbone.
+
+Architecture = the official code (snap-research/EfficientFormer ``models/efficientformer.py``),
+dense mode = its detection/segmentation backbone (``detection/backbone.py``,
+``efficientformer_lX_feat``, ``fork_feat=True``): a ``GroupNorm(1, C)`` on every returned map.
+Module names follow timm's ``efficientformer`` layout, so timm weights load as they are; the
+official classification and dense layouts are renamed by :meth:`checkpoint_filter_fn`.
+
+    stem            conv3x3/2-BN-ReLU, conv3x3/2-BN-ReLU                       stride 4
+    stages[i]       downsample (conv3x3/2 + BN, i > 0) + blocks          strides 4, 8, 16, 32
+      blocks        Meta4D x depth (pool mixer + conv-BN MLP, NCHW); in stage 3 the last
+                    ``num_vit`` blocks are Meta3D (attention + linear MLP on (B, N, C) tokens
+                    with LayerNorm), preceded by a parameter-free ``Flat`` block
+    out_norms[i]    GroupNorm(1, C) per returned map (official ``norm0/2/4/6``)
+
+Attention biases (``bias_mode``)
+--------------------------------
+``'official'`` (default) reproduces the official dense code: every Meta3D attention owns a new
+table ``attention_biases_seg`` (heads, 625) over the offsets of a fixed 25x25 grid (zeros at
+init; a classification checkpoint cannot provide it, so it is learnt from scratch). The gathered
+(heads, 625, 625) bias is resized bicubically (``align_corners=False``) to (N, N) for the runtime
+token count N. The ImageNet table ``attention_biases`` (heads, 49) is loaded but unused; it is a
+persistent, non-trainable *buffer* here (as in the official dense code), so DDP never sees a
+parameter without gradient.
+
+``'pretrained'`` (our extension) keeps the ImageNet table ``attention_biases`` (heads, 49) as the
+trainable parameter: the 7x7 table over (|dy|, |dx|) is resized per head to the runtime grid
+(H, W) and gathered with ``|dy| * W + |dx|``. At the pretraining grid (224 input -> 7x7) nothing
+is resized and the features are exactly those of the classification model. No ``_seg`` table
+exists in this mode.
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoint import LayoutDict, rename_keys
+from ..registry import MODELS
+from .base import BaseDenseBackbone
+from .layers import (LayerScale, drop_path_or_identity, fuse_conv_bn, offset_index,
+                     resize_bias_table)
+
+BIAS_MODES = ('official', 'pretrained')
+
+
+@torch.no_grad()
+def _scale_output_channels(layer, gamma):
+    """``gamma * layer(x)`` -> ``layer'(x)`` for a conv / linear ``layer`` (per out channel)."""
+    g = gamma.reshape(-1)
+    layer.weight.mul_(g.reshape(-1, *([1] * (layer.weight.dim() - 1))))
+    if layer.bias is not None:
+        layer.bias.mul_(g)
+
+
+class LayerScale2d(nn.Module):
+    """Per-channel scale of an NCHW map; ``gamma`` has shape ``(C,)`` as in timm."""
+
+    def __init__(self, dim, init_value=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_value * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma.reshape(1, -1, 1, 1)
+
+
+class Stem(nn.Module):
+    """Two conv3x3/2 + BN + ReLU (stride 4)."""
+
+    def __init__(self, in_channels, dim):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, dim // 2, 3, stride=2, padding=1)
+        self.norm1 = nn.BatchNorm2d(dim // 2)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
+        self.norm2 = nn.BatchNorm2d(dim)
+        self.act2 = nn.ReLU()
+
+    def forward(self, x):
+        x = self.act1(self.norm1(self.conv1(x)))
+        return self.act2(self.norm2(self.conv2(x)))
+
+    def switch_to_deploy(self):
+        if isinstance(self.norm1, nn.BatchNorm2d):
+            self.conv1 = fuse_conv_bn(self.conv1, self.norm1)
+            self.norm1 = nn.Identity()
+        if isinstance(self.norm2, nn.BatchNorm2d):
+            self.conv2 = fuse_conv_bn(self.conv2, self.norm2)
+            self.norm2 = nn.Identity()
+
+
+class Downsample(nn.Module):
+    """Conv3x3/2 + BN between stages (official ``Embedding``)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(out_dim)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+    def switch_to_deploy(self):
+        if isinstance(self.norm, nn.BatchNorm2d):
+            self.conv = fuse_conv_bn(self.conv, self.norm)
+            self.norm = nn.Identity()
+
+
+class Pooling(nn.Module):
+    """PoolFormer token mixer: ``avgpool3x3(x) - x`` (padding not counted)."""
+
+    def __init__(self, pool_size=3):
+        super().__init__()
+        self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2,
+                                 count_include_pad=False)
+
+    def forward(self, x):
+        return self.pool(x) - x
+
+
+class ConvMlpBN(nn.Module):
+    """1x1 conv -> BN -> GELU -> 1x1 conv -> BN (official conv ``Mlp``; BNs fold on deploy)."""
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.norm1 = nn.BatchNorm2d(hidden_dim)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.norm2 = nn.BatchNorm2d(dim)
+
+    def forward(self, x):
+        x = self.drop(self.act(self.norm1(self.fc1(x))))
+        return self.drop(self.norm2(self.fc2(x)))
+
+    def switch_to_deploy(self):
+        if isinstance(self.norm1, nn.BatchNorm2d):
+            self.fc1 = fuse_conv_bn(self.fc1, self.norm1)
+            self.norm1 = nn.Identity()
+        if isinstance(self.norm2, nn.BatchNorm2d):
+            self.fc2 = fuse_conv_bn(self.fc2, self.norm2)
+            self.norm2 = nn.Identity()
+
+
+class TokenMlp(nn.Module):
+    """Linear -> GELU -> Linear on (B, N, C) tokens (official ``LinearMlp``)."""
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Meta4D(nn.Module):
+    """NCHW block: ``x + ls1 * (pool(x) - x)``, then ``x + ls2 * mlp(x)``."""
+
+    def __init__(self, dim, mlp_ratio=4.0, pool_size=3, drop=0.0, drop_path=0.0,
+                 layer_scale_init=1e-5):
+        super().__init__()
+        self.token_mixer = Pooling(pool_size)
+        self.ls1 = LayerScale2d(dim, layer_scale_init)
+        self.mlp = ConvMlpBN(dim, int(dim * mlp_ratio), drop)
+        self.ls2 = LayerScale2d(dim, layer_scale_init)
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.ls1(self.token_mixer(x)))
+        return x + self.drop_path(self.ls2(self.mlp(x)))
+
+    def switch_to_deploy(self):
+        if isinstance(self.ls2, nn.Identity):
+            return
+        self.mlp.switch_to_deploy()
+        _scale_output_channels(self.mlp.fc2, self.ls2.gamma)
+        self.ls2 = nn.Identity()
+
+
+class Flat(nn.Module):
+    """NCHW -> (B, H*W, C): the transition before the first Meta3D block (no parameters)."""
+
+    def forward(self, x):
+        return x.flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a learnt relative-position bias (official ``Attention``).
+
+    ``qkv`` is split per head into ``key_dim`` / ``key_dim`` / ``attn_ratio * key_dim``
+    (interleaved per head, as in the official code). The bias for a runtime grid ``hw``
+    comes from :meth:`attention_bias`; see the module docstring for the two ``bias_mode``\\ s.
+    In eval mode the bias of each grid size is cached (at most ``cache_size`` sizes, computed
+    without gradient, like the official ``self.ab``); ``train()``, loading a state dict and
+    moving the module (``.to()``, ``.half()``...) clear the cache.
+    """
+
+    def __init__(self, dim, key_dim=32, num_heads=8, attn_ratio=4, resolution=7,
+                 bias_mode='official', seg_resolution=25, cache_size=4):
+        super().__init__()
+        if bias_mode not in BIAS_MODES:
+            raise ValueError(f'bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}')
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.val_dim = int(attn_ratio * key_dim)
+        self.scale = key_dim ** -0.5
+        self.resolution = (resolution, resolution)
+        self.seg_resolution = (seg_resolution, seg_resolution)
+        self.bias_mode = bias_mode
+        self.cache_size = int(cache_size)
+        self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + self.val_dim))
+        self.proj = nn.Linear(num_heads * self.val_dim, dim)
+
+        table = torch.zeros(num_heads, resolution * resolution)
+        if bias_mode == 'pretrained':
+            self.attention_biases = nn.Parameter(table)
+        else:
+            # ImageNet table: loaded (persistent) but unused, and never trained.
+            self.register_buffer('attention_biases', table)
+            self.attention_biases_seg = nn.Parameter(
+                torch.zeros(num_heads, seg_resolution * seg_resolution))
+            idx, _ = offset_index(self.seg_resolution)
+            self.register_buffer('attention_bias_idxs_seg', idx, persistent=False)
+        self._bias_cache = OrderedDict()
+        self._idx_cache = OrderedDict()
+
+    # -- bias ---------------------------------------------------------------------------------
+    @staticmethod
+    def _lru_get(cache, key):
+        val = cache.get(key)
+        if val is not None:
+            cache.move_to_end(key)
+        return val
+
+    def _lru_put(self, cache, key, val, pinned=()):
+        if self.cache_size <= 0:
+            return
+        cache[key] = val
+        cache.move_to_end(key)
+        keys = [k for k in cache if k not in pinned]
+        while len(keys) > self.cache_size:
+            del cache[keys.pop(0)]
+
+    def _offset_idx(self, hw, device):
+        """``|dy| * W + |dx|`` for the grid ``hw`` (cached per size: it has no parameters)."""
+        key = (hw, str(device))
+        idx = self._lru_get(self._idx_cache, key)
+        if idx is None:
+            idx = offset_index(hw)[0].to(device)
+            self._lru_put(self._idx_cache, key, idx)
+        return idx
+
+    def attention_bias(self, hw):
+        """The (heads, N, N) bias for a token grid ``hw = (H, W)``, ``N = H * W``.
+
+        ``'official'``: gather the 25x25-grid table, resize the (heads, 625, 625) result
+        bicubically to (N, N). ``'pretrained'``: resize the 7x7 offset table to (H, W), gather
+        with ``|dy| * W + |dx|`` (no resize at 7x7: exactly the classification gather).
+        """
+        hw = (int(hw[0]), int(hw[1]))
+        n = hw[0] * hw[1]
+        if self.bias_mode == 'official':
+            full = None if self.training else self._lru_get(self._bias_cache, 'seg_gathered')
+            if full is None:
+                full = self.attention_biases_seg[:, self.attention_bias_idxs_seg]
+            return F.interpolate(full.unsqueeze(0), size=(n, n), mode='bicubic',
+                                 align_corners=False)[0]
+        table = resize_bias_table(self.attention_biases, self.resolution, hw)
+        return table[:, self._offset_idx(hw, table.device)]
+
+    def _bias(self, hw):
+        """Training: computed with gradient. Eval: cached per grid size, without gradient."""
+        if self.training:
+            return self.attention_bias(hw)
+        bias = self._lru_get(self._bias_cache, hw)
+        if bias is None:
+            with torch.no_grad():
+                bias = self.attention_bias(hw)
+            self._lru_put(self._bias_cache, hw, bias, pinned=('seg_gathered',))
+        return bias
+
+    def clear_cache(self):
+        self._bias_cache.clear()
+        self._idx_cache.clear()
+
+    def forward(self, x, hw):
+        b, n, _ = x.shape
+        if n != hw[0] * hw[1]:
+            raise ValueError(f'{n} tokens do not form a {hw[0]}x{hw[1]} grid')
+        q, k, v = self.qkv(x).reshape(b, n, self.num_heads, -1).split(
+            [self.key_dim, self.key_dim, self.val_dim], dim=3)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = (attn + self._bias(tuple(hw))).softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.val_dim)
+        return self.proj(x)
+
+    # -- cache invalidation -------------------------------------------------------------------
+    def train(self, mode=True):
+        self.clear_cache()
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        self.clear_cache()
+        return super()._apply(*args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.clear_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def switch_to_deploy(self):
+        """Pre-gather the fixed official-mode table; per-size biases are cached on first use."""
+        self.clear_cache()
+        if self.bias_mode == 'official' and not self.training:
+            with torch.no_grad():
+                self._bias_cache['seg_gathered'] = \
+                    self.attention_biases_seg[:, self.attention_bias_idxs_seg]
+
+    def extra_repr(self):
+        return f'heads={self.num_heads}, key_dim={self.key_dim}, bias_mode={self.bias_mode}'
+
+
+class Meta3D(nn.Module):
+    """(B, N, C) block: LN -> attention, LN -> linear MLP, each with a scaled residual."""
+
+    def __init__(self, dim, mlp_ratio=4.0, drop=0.0, drop_path=0.0, layer_scale_init=1e-5,
+                 **attn_kwargs):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.token_mixer = Attention(dim, **attn_kwargs)
+        self.ls1 = LayerScale(dim, layer_scale_init)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = TokenMlp(dim, int(dim * mlp_ratio), drop)
+        self.ls2 = LayerScale(dim, layer_scale_init)
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    def forward(self, x, hw):
+        x = x + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), hw)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+    def switch_to_deploy(self):
+        if isinstance(self.ls1, nn.Identity):
+            return
+        _scale_output_channels(self.token_mixer.proj, self.ls1.gamma)
+        _scale_output_channels(self.mlp.fc2, self.ls2.gamma)
+        self.ls1 = nn.Identity()
+        self.ls2 = nn.Identity()
+
+
+class EfficientFormerStage(nn.Module):
+
+    def __init__(self, in_dim, dim, depth, drop_path_rates, downsample, num_vit=0,
+                 mlp_ratio=4.0, pool_size=3, layer_scale_init=1e-5, attn_kwargs=None):
+        super().__init__()
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        blocks = []
+        if num_vit and num_vit >= depth:
+            blocks.append(Flat())
+        for j in range(depth):
+            if depth - j <= num_vit:
+                blocks.append(Meta3D(dim, mlp_ratio, drop_path=drop_path_rates[j],
+                                     layer_scale_init=layer_scale_init, **(attn_kwargs or {})))
+            else:
+                blocks.append(Meta4D(dim, mlp_ratio, pool_size, drop_path=drop_path_rates[j],
+                                     layer_scale_init=layer_scale_init))
+                if num_vit and depth - j - 1 == num_vit:
+                    blocks.append(Flat())
+        self.blocks = nn.Sequential(*blocks)
+
+
+@MODELS.register_module()
+class EfficientFormer(BaseDenseBackbone):
+    """EfficientFormer (v1) backbone returning stride-4/8/16/32 maps.
+
+    Args:
+        arch (str | dict): ``'l1'``, ``'l3'``, ``'l7'`` or a dict with ``widths``, ``depths``,
+            ``num_vit`` (Meta3D blocks at the end of stage 3) and optionally
+            ``layer_scale_init``, ``mlp_ratio``, ``pool_size``.
+        bias_mode (str): ``'official'`` (default, the official dense code: a new 25x25-grid
+            table ``attention_biases_seg`` resized to the token count) or ``'pretrained'``
+            (the ImageNet 7x7 table resized to the runtime grid). See the module docstring.
+        in_channels (int): input channels. Default 3.
+        out_indices (Sequence[int]): which stages to return. Default all four.
+        drop_path_rate (float): stochastic depth; official schedule, block ``k`` of the whole
+            network (``K`` blocks) gets ``drop_path_rate * k / (K - 1)``.
+        frozen_stages (int): -1 none, 0 the stem, k the stem and stages 0..k-1 (with norms).
+        norm_eval (bool): keep BatchNorms in eval mode while training.
+        with_cp (bool): activation checkpointing per block.
+        bias_cache_size (int): attention biases of this many input sizes are kept per
+            attention block in eval mode (0: no cache).
+        init_cfg (dict): ``dict(type='Pretrained', checkpoint=PATH)`` loads an official
+            classification (``model``) or dense checkpoint, or a timm checkpoint.
+
+    Input sides need not be multiples of 32: every stride-2 conv pads by 1, so a side ``L``
+    gives maps of ``ceil(L / 4)``, then halves rounding up; attention works for any grid.
+    """
+    arch_zoo = {
+        'l1': dict(widths=[48, 96, 224, 448], depths=[3, 2, 6, 4], num_vit=1,
+                   layer_scale_init=1e-5),
+        'l3': dict(widths=[64, 128, 320, 512], depths=[4, 4, 12, 6], num_vit=4,
+                   layer_scale_init=1e-5),
+        'l7': dict(widths=[96, 192, 384, 768], depths=[6, 6, 18, 8], num_vit=8,
+                   layer_scale_init=1e-6),
+    }
+    arch_aliases = {'efficientformerl1': 'l1', 'efficientformerl3': 'l3',
+                    'efficientformerl7': 'l7'}
+    arch_keys = ('widths', 'depths', 'num_vit')
+    size_divisor = None
+    new_key_patterns = ('out_norms.*', '*.attention_biases_seg')
+    ignored_key_patterns = ('head.*', 'head_dist.*', 'dist_head.*', 'norm.*',
+                            '*.attention_bias_idxs', '*.attention_bias_idxs_seg')
+
+    def __init__(self, arch='l1', bias_mode='official', in_channels=3, out_indices=(0, 1, 2, 3),
+                 drop_path_rate=0.0, frozen_stages=-1, norm_eval=False, with_cp=False,
+                 bias_cache_size=4, init_cfg=None):
+        super().__init__(arch, in_channels, out_indices, frozen_stages, norm_eval, with_cp,
+                         drop_path_rate, init_cfg)
+        if bias_mode not in BIAS_MODES:
+            raise ValueError(f"bias_mode must be 'official' (the official dense code: "
+                             f"attention_biases_seg on a 25x25 grid) or 'pretrained' (the "
+                             f'ImageNet 7x7 table resized to the input grid), got {bias_mode!r}')
+        self.bias_mode = bias_mode
+        s = self.arch_settings
+        widths, depths = list(s['widths']), list(s['depths'])
+        num_vit = int(s['num_vit'])
+        if len(widths) != 4 or len(depths) != 4:
+            raise ValueError('EfficientFormer arch needs 4 widths and 4 depths')
+        if not 0 <= num_vit <= depths[3]:
+            raise ValueError(f'num_vit must be in [0, depths[3]={depths[3]}], got {num_vit}')
+        self.num_vit = num_vit
+        self.channels = tuple(widths)
+
+        attn_kwargs = dict(bias_mode=bias_mode, cache_size=bias_cache_size)
+        self.stem = Stem(in_channels, widths[0])
+        total = sum(depths)
+        stages = []
+        for i in range(4):
+            first = sum(depths[:i])
+            dpr = [self.drop_path_rate * (first + j) / max(total - 1, 1)
+                   for j in range(depths[i])]
+            stages.append(EfficientFormerStage(
+                widths[i - 1] if i else widths[0], widths[i], depths[i], dpr, downsample=i > 0,
+                num_vit=num_vit if i == 3 else 0, mlp_ratio=s.get('mlp_ratio', 4.0),
+                pool_size=s.get('pool_size', 3),
+                layer_scale_init=s.get('layer_scale_init', 1e-5), attn_kwargs=attn_kwargs))
+        self.stages = nn.ModuleList(stages)
+        self.out_norms = nn.ModuleList(
+            nn.GroupNorm(1, widths[i]) if i in self.out_indices else nn.Identity()
+            for i in range(4))
+
+        # What a checkpoint may lack / carry beyond this instance (see load_pretrained).
+        self.new_key_patterns = ('out_norms.*',) + (
+            ('*.attention_biases_seg',) if bias_mode == 'official' else ())
+        self.ignored_key_patterns = type(self).ignored_key_patterns + tuple(
+            f'out_norms.{i}.*' for i in range(4) if i not in self.out_indices) + (
+            ('*.attention_biases_seg',) if bias_mode == 'pretrained' else ())
+        self._freeze_stages()
+
+    def stage_groups(self):
+        return [[self.stem]] + [[self.stages[i], self.out_norms[i]] for i in range(4)]
+
+    def attention_modules(self):
+        return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def after_load_pretrained(self):
+        for m in self.attention_modules():
+            m.clear_cache()
+
+    def forward(self, x):
+        self.check_input(x)
+        x = self.stem(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage.downsample(x)
+            b, c, h, w = x.shape
+            for block in stage.blocks:
+                if isinstance(block, Flat):
+                    x = block(x)
+                elif isinstance(block, Meta3D):
+                    x = self.run_block(block, x, (h, w))
+                else:
+                    x = self.run_block(block, x)
+            if x.dim() == 3:
+                x = x.transpose(1, 2).reshape(b, c, h, w)
+            if i in self.out_indices:
+                outs.append(self.out_norms[i](x))
+            if i >= self.out_indices[-1]:
+                break
+        return tuple(outs)
+
+    # ---------------------------------------------------------------------------------------
+    def checkpoint_filter_fn(self, state_dict):
+        """Official (classification or dense ``fork_feat``) or timm layout -> ours.
+
+        Our names are timm's (``stem.conv1``, ``stages.{i}.downsample.conv``,
+        ``stages.{i}.blocks.{j}.ls1.gamma``...) plus ``out_norms.{i}`` and the official-mode
+        ``attention_biases_seg``, so a timm file only needs its head dropped (ignored keys).
+        """
+        keys = list(state_dict)
+        if any(k.startswith(('network.', 'patch_embed.')) for k in keys):
+            stem_names = {'0': 'conv1', '1': 'norm1', '3': 'conv2', '4': 'norm2'}
+            rules = [
+                (r'^patch_embed\.(\d+)\.', lambda m: f'stem.{stem_names.get(m[1], m[1])}.'),
+                (r'^network\.(\d+)\.(\d+)\.', lambda m: f'stages.{int(m[1]) // 2}.blocks.{m[2]}.'),
+                (r'^network\.(\d+)\.proj\.',
+                 lambda m: f'stages.{(int(m[1]) + 1) // 2}.downsample.conv.'),
+                (r'^network\.(\d+)\.norm\.',
+                 lambda m: f'stages.{(int(m[1]) + 1) // 2}.downsample.norm.'),
+                (r'^norm([0246])\.', lambda m: f'out_norms.{int(m[1]) // 2}.'),
+                (r'^dist_head\.', 'head_dist.'),
+            ]
+            sd = rename_keys(state_dict, rules, layout='official')
+            out = LayoutDict(layout='official')
+            for k, v in sd.items():
+                if k.endswith('.layer_scale_1'):
+                    k = k[:-len('layer_scale_1')] + 'ls1.gamma'
+                elif k.endswith('.layer_scale_2'):
+                    k = k[:-len('layer_scale_2')] + 'ls2.gamma'
+                out[k] = v
+            return out
+        native = any(k.startswith('out_norms.') or k.endswith('.attention_biases_seg')
+                     for k in keys)
+        layout = 'timm' if not native and any(k.startswith('stages.') for k in keys) \
+            else 'native'
+        return LayoutDict(state_dict, layout=layout)
+
+
+__all__ = ['EfficientFormer']
