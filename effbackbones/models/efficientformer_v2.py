@@ -1,0 +1,644 @@
+"""EfficientFormerV2 (Li et al., ICCV 2023) as a dense-prediction backbone.
+
+Architecture = the official dense backbone (snap-research/EfficientFormer
+``detection/backbonev2.py``, ``efficientformerv2_{s0,s1,s2,l}_feat``): four stages of
+``FFN`` blocks (1x1 conv MLP with a depth-wise 3x3 "mid" conv), attention blocks
+(``Attention4D`` with talking heads and a local depth-wise value path) at the end of stages 3
+and 4, and an attention downsample (``Attention4DDownsample`` + strided conv) before stage 4.
+The official dense code returns the raw stage outputs (no output norms) and so does this class.
+Module names follow timm's ``efficientformerv2`` layout, so timm weights load unchanged; the
+official classification and dense layouts are renamed by :meth:`checkpoint_filter_fn`.
+
+    stem            conv3x3/2-BN-GELU, conv3x3/2-BN-GELU                          stride 4
+    stages[0]       blocks                                                        stride 4
+    stages[1, 2]    downsample (conv3x3/2 + BN) + blocks                          strides 8, 16
+    stages[3]       downsample (conv3x3/2 + BN  +  Attention2dDownsample) + blocks  stride 32
+      blocks        FFN x (depth - vit_num), AttnFFN x vit_num (stages 2 and 3 only; the
+                    stage-2 attention works on a stride-2 copy of the map and upsamples)
+
+Attention biases, two modes (``bias_mode``):
+
+* ``'official'`` (default; what the official dense backbone and the paper's detection /
+  segmentation results use): each attention owns ``attention_biases_seg`` = an offset table
+  for the fixed resolution 800 (25x25 offsets for the attention blocks, 50x50 for the
+  downsample), gathered into a (heads, 625, 625) / (heads, 625, 2500) matrix that is resized
+  bicubically (``F.interpolate``, align_corners=False) to the real (Nq, Nk) of the input. A
+  classification checkpoint cannot provide these tables: they start at zero as in the official
+  code. The ImageNet tables ``attention_biases`` are loaded but unused (persistent, non-trainable
+  buffers, so distributed training never sees unused parameters).
+* ``'pretrained'``: the ImageNet tables ``attention_biases`` are the trainable biases. Each
+  per-head table is an image over the (|dy|, |dx|) offset grid of the ImageNet key grid (7x7
+  for the attention blocks, 14x14 for the downsample); it is resized bicubically to the offset
+  grid of the runtime key grid (non-square too) and gathered with the (strided) offset index.
+  At 224x224 input this is exactly the classification model.
+"""
+import math
+import re
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoint import CheckpointError, LayoutDict
+from ..registry import MODELS
+from .base import BaseDenseBackbone
+from .layers import drop_path_or_identity, fuse_conv_bn, offset_index, resize_bias_table
+
+BIAS_MODES = ('official', 'pretrained')
+
+
+# --------------------------------------------------------------------------------------------
+# small building blocks
+# --------------------------------------------------------------------------------------------
+class ConvNorm(nn.Module):
+    """``Conv2d`` (with bias, as in the official code) + ``BatchNorm2d``; children ``conv`` /
+    ``bn`` as in timm's ``ConvNorm``. Folds into one conv on deploy."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, padding=0, groups=1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                              groups=groups)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+    def switch_to_deploy(self):
+        if isinstance(self.bn, nn.Identity):
+            return
+        self.conv = fuse_conv_bn(self.conv, self.bn)
+        self.bn = nn.Identity()
+
+
+class LayerScale2d(nn.Module):
+    """Per-channel scale of an NCHW map; ``gamma`` has shape ``(C,)`` (timm ``LayerScale2d``).
+
+    The official checkpoints store it as ``(C, 1, 1)``; the converter reshapes.
+    """
+
+    def __init__(self, dim, init_value=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_value * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+@torch.no_grad()
+def _fold_scale_into_conv(conv, gamma):
+    """``gamma[c] * conv(x)[c]`` -> ``conv'(x)`` (in place)."""
+    conv.weight.mul_(gamma.view(-1, 1, 1, 1))
+    conv.bias.mul_(gamma)
+
+
+class Mlp(nn.Module):
+    """1x1 conv-BN-GELU, depth-wise 3x3 conv-BN-GELU, 1x1 conv-BN (official ``Mlp(mid_conv=True)``,
+    timm ``ConvMlpWithNorm``)."""
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = ConvNorm(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.mid = ConvNorm(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.drop = nn.Dropout(drop)
+        self.fc2 = ConvNorm(hidden_dim, dim)
+
+    def forward(self, x):
+        x = self.act(self.fc1(x))
+        x = self.drop(self.act(self.mid(x)))
+        return self.drop(self.fc2(x))
+
+
+class Stem(nn.Module):
+    """Two conv3x3/2-BN-GELU (official ``stem``, timm ``Stem4``)."""
+
+    def __init__(self, in_channels, dim):
+        super().__init__()
+        self.conv1 = ConvNorm(in_channels, dim // 2, 3, stride=2, padding=1)
+        self.act1 = nn.GELU()
+        self.conv2 = ConvNorm(dim // 2, dim, 3, stride=2, padding=1)
+        self.act2 = nn.GELU()
+
+    def forward(self, x):
+        return self.act2(self.conv2(self.act1(self.conv1(x))))
+
+
+# --------------------------------------------------------------------------------------------
+# attention biases
+# --------------------------------------------------------------------------------------------
+class _BiasCache:
+    """A tiny LRU dict (bounded, so variable test sizes cannot grow memory without limit)."""
+
+    def __init__(self, size):
+        self.size = int(size)
+        self.data = OrderedDict()
+
+    def get(self, key):
+        value = self.data.get(key)
+        if value is not None:
+            self.data.move_to_end(key)
+        return value
+
+    def put(self, key, value):
+        if self.size <= 0:
+            return value
+        self.data[key] = value
+        self.data.move_to_end(key)
+        while len(self.data) > self.size:
+            self.data.popitem(last=False)
+        return value
+
+    def clear(self):
+        self.data.clear()
+
+    def __len__(self):
+        return len(self.data)
+
+
+
+def _clear_cache_hook(module, incompatible_keys):
+    module.clear_bias_cache()
+
+
+class _RelPosBias:
+    """Mixin for the attention modules: owns the bias tables and the per-size bias cache.
+
+    The tables keep the official / timm key names on the attention module itself:
+    ``attention_biases`` (ImageNet table at the 224 pretraining resolution) and, in official
+    mode, ``attention_biases_seg`` (dense table at resolution 800) with its gather index
+    ``attention_bias_idxs_seg`` (computed here, non-persistent).
+    """
+
+    def _init_bias(self, num_heads, pretrain_hw, seg_hw, q_stride, bias_mode, cache_size):
+        self.bias_mode = bias_mode
+        self.q_stride = q_stride
+        self.pretrain_hw = tuple(pretrain_hw)
+        self.seg_hw = tuple(seg_hw)
+        table = torch.zeros(num_heads, self.pretrain_hw[0] * self.pretrain_hw[1])
+        if bias_mode == 'official':
+            # ImageNet table: loaded but unused -> a persistent buffer, so that distributed
+            # training never meets a parameter without gradient.
+            self.register_buffer('attention_biases', table)
+            # the official dense code initialises the dense tables at zero
+            self.attention_biases_seg = nn.Parameter(
+                torch.zeros(num_heads, self.seg_hw[0] * self.seg_hw[1]))
+            seg_q_hw = tuple(math.ceil(s / q_stride) for s in self.seg_hw)
+            idx, _ = offset_index(seg_q_hw, self.seg_hw, q_stride)
+            self.register_buffer('attention_bias_idxs_seg', idx, persistent=False)
+        else:
+            self.attention_biases = nn.Parameter(table)
+        self._bias_cache = _BiasCache(cache_size)
+        self._idx_cache = _BiasCache(cache_size)
+        self.register_load_state_dict_post_hook(_clear_cache_hook)
+
+    def clear_bias_cache(self):
+        self._bias_cache.clear()
+        self._idx_cache.clear()
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clear_bias_cache()
+        return self
+
+    def _bias_table(self):
+        return self.attention_biases_seg if self.bias_mode == 'official' else \
+            self.attention_biases
+
+    def _compute_bias(self, q_hw, k_hw):
+        nq, nk = q_hw[0] * q_hw[1], k_hw[0] * k_hw[1]
+        if self.bias_mode == 'official':
+            # gather at the fixed dense resolution, then resize the (Nq0, Nk0) matrix itself
+            full = self.attention_biases_seg[:, self.attention_bias_idxs_seg]
+            return F.interpolate(full.unsqueeze(0), size=(nq, nk), mode='bicubic',
+                                 align_corners=False)[0]
+        # resize the per-head offset table to the runtime offset grid, then gather
+        table = resize_bias_table(self.attention_biases, self.pretrain_hw, k_hw)
+        key = (q_hw, k_hw, table.device)
+        idx = self._idx_cache.get(key)
+        if idx is None:
+            idx, _ = offset_index(q_hw, k_hw, self.q_stride)
+            idx = self._idx_cache.put(key, idx.to(table.device))
+        return table[:, idx]
+
+    def attention_bias(self, q_hw, k_hw):
+        """The (heads, Nq, Nk) bias for a query grid ``q_hw`` and a key grid ``k_hw``.
+
+        Cached per input size while the module is in eval mode (and no gradient is needed for
+        the table); the cache is cleared by ``train()``/``eval()``, by ``load_state_dict`` and
+        by :meth:`clear_bias_cache`.
+        """
+        q_hw, k_hw = tuple(q_hw), tuple(k_hw)
+        table = self._bias_table()
+        if self.training or (torch.is_grad_enabled() and table.requires_grad):
+            return self._compute_bias(q_hw, k_hw)
+        key = (q_hw, k_hw, table.device, table.dtype)
+        bias = self._bias_cache.get(key)
+        if bias is None:
+            with torch.no_grad():
+                bias = self._bias_cache.put(key, self._compute_bias(q_hw, k_hw))
+        return bias
+
+    def switch_to_deploy(self):
+        # nothing to fold here (the projections fold themselves); biases are cached per
+        # input size from the first eval forward on
+        self.clear_bias_cache()
+
+    def _bias_repr(self):
+        return (f'bias_mode={self.bias_mode}, pretrain_hw={self.pretrain_hw}, '
+                f'seg_hw={self.seg_hw}, q_stride={self.q_stride}')
+
+
+class Attention2d(_RelPosBias, nn.Module):
+    """Official ``Attention4D``: multi-head attention on an NCHW map with talking heads, a local
+    depth-wise value path, and (stride 2, stage 3) a strided copy of the map that is upsampled
+    back. ``resolution`` = (pretraining, dense) side of the map *before* the stride."""
+
+    def __init__(self, dim, key_dim=32, num_heads=8, attn_ratio=4, stride=None,
+                 resolution=(7, 25), bias_mode='official', cache_size=2):
+        super().__init__()
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.scale = key_dim ** -0.5
+        self.d = int(attn_ratio * key_dim)
+        self.dh = self.d * num_heads
+        if stride is not None:
+            self.stride_conv = ConvNorm(dim, dim, 3, stride=stride, padding=1, groups=dim)
+            self.upsample = nn.Upsample(scale_factor=stride, mode='bilinear')
+            res = tuple(math.ceil(r / stride) for r in resolution)
+        else:
+            self.stride_conv = None
+            self.upsample = None
+            res = tuple(resolution)
+        self.q = ConvNorm(dim, num_heads * key_dim)
+        self.k = ConvNorm(dim, num_heads * key_dim)
+        self.v = ConvNorm(dim, self.dh)
+        self.v_local = ConvNorm(self.dh, self.dh, 3, padding=1, groups=self.dh)
+        self.talking_head1 = nn.Conv2d(num_heads, num_heads, 1)
+        self.talking_head2 = nn.Conv2d(num_heads, num_heads, 1)
+        self.act = nn.GELU()
+        self.proj = ConvNorm(self.dh, dim)
+        self._init_bias(num_heads, (res[0], res[0]), (res[1], res[1]), 1, bias_mode, cache_size)
+
+    def forward(self, x):
+        b = x.shape[0]
+        h, w = x.shape[2:]
+        if self.stride_conv is not None:
+            x = self.stride_conv(x)
+            h, w = h // 2, w // 2          # as the official code (sides multiple of 32)
+        n = h * w
+        q = self.q(x).reshape(b, self.num_heads, self.key_dim, n).transpose(-2, -1)
+        k = self.k(x).reshape(b, self.num_heads, self.key_dim, n)
+        v = self.v(x)
+        v_local = self.v_local(v)
+        v = v.reshape(b, self.num_heads, self.d, n).transpose(-2, -1)
+        attn = (q @ k) * self.scale
+        attn = attn + self.attention_bias((h, w), (h, w))
+        attn = self.talking_head1(attn).softmax(dim=-1)
+        attn = self.talking_head2(attn)
+        x = (attn @ v).transpose(-2, -1).reshape(b, self.dh, h, w) + v_local
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return self.proj(self.act(x))
+
+    def extra_repr(self):
+        return self._bias_repr()
+
+
+class LocalGlobalQuery(nn.Module):
+    """Query of the attention downsample: strided depth-wise conv + strided sampling, 1x1 conv-BN
+    (official ``LGQuery``)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.pool = nn.AvgPool2d(1, 2, 0)
+        self.local = nn.Conv2d(in_dim, in_dim, 3, stride=2, padding=1, groups=in_dim)
+        self.proj = ConvNorm(in_dim, out_dim)
+
+    def forward(self, x):
+        return self.proj(self.local(x) + self.pool(x))
+
+
+class Attention2dDownsample(_RelPosBias, nn.Module):
+    """Official ``Attention4DDownsample``: queries on the stride-2 grid attend to the full map.
+    ``resolution`` = (pretraining, dense) side of the key map."""
+
+    def __init__(self, dim, out_dim, key_dim=16, num_heads=8, attn_ratio=4,
+                 resolution=(14, 50), bias_mode='official', cache_size=2):
+        super().__init__()
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.scale = key_dim ** -0.5
+        self.d = int(attn_ratio * key_dim)
+        self.dh = self.d * num_heads
+        self.q = LocalGlobalQuery(dim, num_heads * key_dim)
+        self.k = ConvNorm(dim, num_heads * key_dim)
+        self.v = ConvNorm(dim, self.dh)
+        self.v_local = ConvNorm(self.dh, self.dh, 3, stride=2, padding=1, groups=self.dh)
+        self.act = nn.GELU()
+        self.proj = ConvNorm(self.dh, out_dim)
+        # official query stride = ceil(res / ceil(res / 2)) = 2 for the even resolutions used
+        self._init_bias(num_heads, (resolution[0],) * 2, (resolution[1],) * 2, 2, bias_mode,
+                        cache_size)
+
+    def forward(self, x):
+        b = x.shape[0]
+        h, w = x.shape[2:]
+        qh, qw = h // 2, w // 2
+        q = self.q(x).reshape(b, self.num_heads, self.key_dim, qh * qw).transpose(-2, -1)
+        k = self.k(x).reshape(b, self.num_heads, self.key_dim, h * w)
+        v = self.v(x)
+        v_local = self.v_local(v)
+        v = v.reshape(b, self.num_heads, self.d, h * w).transpose(-2, -1)
+        attn = (q @ k) * self.scale
+        attn = attn + self.attention_bias((qh, qw), (h, w))
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(-2, -1).reshape(b, self.dh, qh, qw) + v_local
+        return self.proj(self.act(x))
+
+    def extra_repr(self):
+        return self._bias_repr()
+
+
+class Downsample(nn.Module):
+    """conv3x3/2 + BN between stages; before stage 4 plus an attention downsample (official
+    ``Embedding``, ``asub=True``)."""
+
+    def __init__(self, in_dim, out_dim, attn=None):
+        super().__init__()
+        self.conv = ConvNorm(in_dim, out_dim, 3, stride=2, padding=1)
+        self.attn = attn
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.attn is not None:
+            out = self.attn(x) + out
+        return out
+
+
+class EfficientFormerV2Block(nn.Module):
+    """``FFN`` (mlp only) or ``AttnFFN`` (token mixer + mlp), each with a layer-scaled residual."""
+
+    def __init__(self, dim, mlp_ratio, drop_path=0.0, token_mixer=None,
+                 layer_scale_init=1e-5):
+        super().__init__()
+        self.token_mixer = token_mixer
+        self.ls1 = LayerScale2d(dim, layer_scale_init) if token_mixer is not None else None
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale2d(dim, layer_scale_init)
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    def forward(self, x):
+        if self.token_mixer is not None:
+            x = x + self.drop_path(self.ls1(self.token_mixer(x)))
+        return x + self.drop_path(self.ls2(self.mlp(x)))
+
+    @torch.no_grad()
+    def switch_to_deploy(self):
+        """Fold the layer scales into the last conv of their branch (after its BN is folded)."""
+        pairs = [(self.mlp.fc2, 'ls2')]
+        if self.token_mixer is not None:
+            pairs.append((self.token_mixer.proj, 'ls1'))
+        for conv_norm, name in pairs:
+            ls = getattr(self, name)
+            if not isinstance(ls, LayerScale2d):
+                continue
+            conv_norm.switch_to_deploy()
+            _fold_scale_into_conv(conv_norm.conv, ls.gamma)
+            setattr(self, name, nn.Identity())
+
+
+class EfficientFormerV2Stage(nn.Module):
+
+    def __init__(self, downsample, blocks):
+        super().__init__()
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+
+
+@MODELS.register_module()
+class EfficientFormerV2(BaseDenseBackbone):
+    """EfficientFormerV2 backbone returning stride-4/8/16/32 maps (raw stage outputs).
+
+    Args:
+        arch (str | dict): ``'s0'``, ``'s1'``, ``'s2'``, ``'l'`` or a dict with ``widths``,
+            ``depths``, ``mlp_ratios`` (one list per stage, one ratio per block) and
+            ``vit_num`` (attention blocks at the end of stages 3 and 4).
+        in_channels (int): input channels. Default 3.
+        out_indices (Sequence[int]): which stages to return. Default all four.
+        drop_path_rate (float): stochastic depth with the official schedule
+            ``rate * global_block_index / (num_blocks - 1)`` (the official dense classes use
+            0 / 0 / 0.02 / 0.1 for S0 / S1 / S2 / L).
+        bias_mode (str): ``'official'`` (default, = the official dense backbone: dense tables
+            at resolution 800, gathered matrix resized to the input) or ``'pretrained'`` (the
+            ImageNet tables, resized as offset tables to the input grid). See the module doc.
+        bias_cache_size (int): gathered biases cached per input size in eval mode, per
+            attention (LRU). 0 disables the cache. Default 2.
+        frozen_stages (int): -1 none, 0 the stem, k the stem and stages 0..k-1.
+        norm_eval (bool): keep BatchNorms in eval mode while training. Default False: the
+            official V2 detection / segmentation runs convert BN to SyncBN and train it (the
+            official dense class's ``train()`` override that freezes BN is ``norm_eval=True``).
+        with_cp (bool): activation checkpointing per block.
+        init_cfg (dict): ``dict(type='Pretrained', checkpoint=PATH)`` loads an official
+            ImageNet (``model``) or dense checkpoint, or a timm checkpoint.
+
+    Input sides must be multiples of 32 (the stage-3 attention works on a stride-2 copy of the
+    stride-16 map and the downsample attention halves it again).
+    """
+    arch_zoo = {
+        's0': dict(widths=[32, 48, 96, 176], depths=[2, 2, 6, 4], vit_num=2,
+                   mlp_ratios=[[4, 4],
+                               [4, 4],
+                               [4, 3, 3, 3, 4, 4],
+                               [4, 3, 3, 4]]),
+        's1': dict(widths=[32, 48, 120, 224], depths=[3, 3, 9, 6], vit_num=2,
+                   mlp_ratios=[[4, 4, 4],
+                               [4, 4, 4],
+                               [4, 4, 3, 3, 3, 3, 4, 4, 4],
+                               [4, 4, 3, 3, 4, 4]]),
+        's2': dict(widths=[32, 64, 144, 288], depths=[4, 4, 12, 8], vit_num=4,
+                   mlp_ratios=[[4, 4, 4, 4],
+                               [4, 4, 4, 4],
+                               [4, 4, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4],
+                               [4, 4, 3, 3, 3, 3, 4, 4]]),
+        'l': dict(widths=[40, 80, 192, 384], depths=[5, 5, 15, 10], vit_num=6,
+                  mlp_ratios=[[4, 4, 4, 4, 4],
+                              [4, 4, 4, 4, 4],
+                              [4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4],
+                              [4, 4, 4, 3, 3, 3, 3, 4, 4, 4]]),
+    }
+    arch_aliases = {'large': 'l', 'efficientformerv2s0': 's0', 'efficientformerv2s1': 's1',
+                    'efficientformerv2s2': 's2', 'efficientformerv2l': 'l'}
+    arch_keys = ('widths', 'depths', 'mlp_ratios', 'vit_num')
+    size_divisor = 32
+    #: the dense bias tables: a classification / timm checkpoint cannot provide them
+    new_key_patterns = ('*.attention_biases_seg',)
+    #: heads + final norm of the classifier, and the index tables of any release (we compute
+    #: our own, non-persistent)
+    ignored_key_patterns = BaseDenseBackbone.ignored_key_patterns + (
+        '*.attention_bias_idxs', '*.attention_bias_idxs_seg')
+
+    #: resolution of the ImageNet model (``attention_biases`` tables) and the fixed resolution
+    #: of the official dense code (``attention_biases_seg`` tables)
+    pretrain_resolution = 224
+    dense_resolution = 800
+
+    def __init__(self, arch='s0', in_channels=3, out_indices=(0, 1, 2, 3), drop_path_rate=0.0,
+                 bias_mode='official', bias_cache_size=2, frozen_stages=-1, norm_eval=False,
+                 with_cp=False, init_cfg=None):
+        super().__init__(arch, in_channels, out_indices, frozen_stages, norm_eval, with_cp,
+                         drop_path_rate, init_cfg)
+        if bias_mode not in BIAS_MODES:
+            raise ValueError(f"bias_mode must be one of {BIAS_MODES}, got {bias_mode!r} "
+                             f"('official': dense tables as the official detection / "
+                             f"segmentation backbone; 'pretrained': resized ImageNet tables)")
+        if not isinstance(bias_cache_size, int) or bias_cache_size < 0:
+            raise ValueError(f'bias_cache_size must be an int >= 0, got {bias_cache_size!r}')
+        self.bias_mode = bias_mode
+        widths = [int(c) for c in self.arch_settings['widths']]
+        depths = [int(d) for d in self.arch_settings['depths']]
+        mlp_ratios = [list(r) for r in self.arch_settings['mlp_ratios']]
+        vit_num = int(self.arch_settings['vit_num'])
+        if len(widths) != 4 or len(depths) != 4 or len(mlp_ratios) != 4:
+            raise ValueError('EfficientFormerV2 arch needs 4 widths, 4 depths and 4 '
+                             'mlp_ratios lists')
+        if [len(r) for r in mlp_ratios] != depths:
+            raise ValueError(f'mlp_ratios must give one ratio per block: lengths '
+                             f'{[len(r) for r in mlp_ratios]} vs depths {depths}')
+        if not 0 <= vit_num <= min(depths[2], depths[3]):
+            raise ValueError(f'vit_num must be in [0, {min(depths[2], depths[3])}], '
+                             f'got {vit_num}')
+        self.channels = tuple(widths)
+        self.vit_num = vit_num
+
+        # side of the stage-i map at the pretraining / dense resolution (official ceil rule)
+        def res(i):
+            return (math.ceil(self.pretrain_resolution / 2 ** (i + 2)),
+                    math.ceil(self.dense_resolution / 2 ** (i + 2)))
+
+        attn_kw = dict(bias_mode=bias_mode, cache_size=bias_cache_size)
+        self.stem = Stem(in_channels, widths[0])
+        total = sum(depths)
+        stages = []
+        for i in range(4):
+            downsample = None
+            if i > 0:
+                attn = Attention2dDownsample(widths[i - 1], widths[i], resolution=res(i - 1),
+                                             **attn_kw) if i == 3 else None
+                downsample = Downsample(widths[i - 1], widths[i], attn)
+            blocks = []
+            for j in range(depths[i]):
+                dpr = self.drop_path_rate * (sum(depths[:i]) + j) / max(total - 1, 1)
+                mixer = None
+                if i >= 2 and j > depths[i] - 1 - vit_num:
+                    mixer = Attention2d(widths[i], stride=2 if i == 2 else None,
+                                        resolution=res(i), **attn_kw)
+                blocks.append(EfficientFormerV2Block(widths[i], mlp_ratios[i][j], dpr, mixer))
+            stages.append(EfficientFormerV2Stage(downsample, blocks))
+        self.stages = nn.ModuleList(stages)
+        self._freeze_stages()
+
+    def stage_groups(self):
+        return [[self.stem]] + [[stage] for stage in self.stages]
+
+    def attention_modules(self):
+        """Every module holding an attention bias table (in network order)."""
+        return [m for m in self.modules() if isinstance(m, _RelPosBias)]
+
+    def clear_bias_cache(self):
+        for m in self.attention_modules():
+            m.clear_bias_cache()
+
+    def after_load_pretrained(self):
+        """Called by the loader after loading: cached biases are stale."""
+        self.clear_bias_cache()
+
+    def forward(self, x):
+        self.check_input(x)
+        x = self.stem(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage.downsample, nn.Identity):
+                x = self.run_block(stage.downsample, x)
+            for block in stage.blocks:
+                x = self.run_block(block, x)
+            if i in self.out_indices:
+                outs.append(x)
+            if i >= self.out_indices[-1]:
+                break
+        return tuple(outs)
+
+    # ---------------------------------------------------------------------------------------
+    # checkpoints
+    # ---------------------------------------------------------------------------------------
+    def checkpoint_filter_fn(self, state_dict):
+        """Official (classification ``model`` or dense ``*_feat``) or timm layout -> ours."""
+        keys = list(state_dict)
+        if any(k.startswith(('network.', 'patch_embed.')) for k in keys):
+            out = LayoutDict(((convert_official_key(k), v) for k, v in state_dict.items()),
+                             layout='official')
+        else:
+            layout = 'timm' if any(k.startswith(('norm.', 'head.', 'head_dist.'))
+                                   for k in keys) else 'native'
+            out = LayoutDict(state_dict, layout=layout)
+        for k, v in out.items():
+            if k.endswith(('.ls1.gamma', '.ls2.gamma')) and v.dim() == 3:
+                out[k] = v.reshape(-1)      # official (C, 1, 1) -> (C,)
+        if self.bias_mode == 'pretrained':
+            seg = [k for k in out if k.endswith('attention_biases_seg')]
+            if seg:
+                raise CheckpointError(
+                    f'this checkpoint holds the dense bias tables of the official dense '
+                    f'backbone ({len(seg)} x attention_biases_seg, e.g. {seg[0]}); its '
+                    f'attention_biases are unused placeholders there. Load it with '
+                    f"EfficientFormerV2(bias_mode='official').")
+        return out
+
+
+_STEM_KEYS = {'0': 'conv1.conv', '1': 'conv1.bn', '3': 'conv2.conv', '4': 'conv2.bn'}
+_BLOCK_RULES = [
+    (r'^mlp\.fc1\.', 'mlp.fc1.conv.'), (r'^mlp\.norm1\.', 'mlp.fc1.bn.'),
+    (r'^mlp\.mid\.', 'mlp.mid.conv.'), (r'^mlp\.mid_norm\.', 'mlp.mid.bn.'),
+    (r'^mlp\.fc2\.', 'mlp.fc2.conv.'), (r'^mlp\.norm2\.', 'mlp.fc2.bn.'),
+    (r'^layer_scale_1$', 'ls1.gamma'), (r'^layer_scale_2$', 'ls2.gamma'),
+    (r'^token_mixer\.(q|k|v|v_local|stride_conv)\.0\.', r'token_mixer.\1.conv.'),
+    (r'^token_mixer\.(q|k|v|v_local|stride_conv)\.1\.', r'token_mixer.\1.bn.'),
+    (r'^token_mixer\.proj\.1\.', 'token_mixer.proj.conv.'),
+    (r'^token_mixer\.proj\.2\.', 'token_mixer.proj.bn.'),
+]
+_DOWNSAMPLE_RULES = [
+    (r'^(proj|conv)\.', 'conv.conv.'), (r'^(norm|bn)\.', 'conv.bn.'),
+    (r'^attn\.q\.local\.0\.', 'attn.q.local.'),
+    (r'^attn\.q\.proj\.0\.', 'attn.q.proj.conv.'), (r'^attn\.q\.proj\.1\.', 'attn.q.proj.bn.'),
+    (r'^attn\.(k|v|v_local)\.0\.', r'attn.\1.conv.'),
+    (r'^attn\.(k|v|v_local)\.1\.', r'attn.\1.bn.'),
+    (r'^attn\.proj\.1\.', 'attn.proj.conv.'), (r'^attn\.proj\.2\.', 'attn.proj.bn.'),
+]
+
+
+def _apply_first(rules, key):
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def convert_official_key(key):
+    """One key of the official layout (classification or dense) -> our (timm) layout."""
+    m = re.match(r'^patch_embed\.(\d)\.(.*)$', key)
+    if m and m[1] in _STEM_KEYS:
+        return f'stem.{_STEM_KEYS[m[1]]}.{m[2]}'
+    m = re.match(r'^network\.(\d+)\.(\d+)\.(.*)$', key)
+    if m and int(m[1]) % 2 == 0:
+        return f'stages.{int(m[1]) // 2}.blocks.{m[2]}.{_apply_first(_BLOCK_RULES, m[3])}'
+    m = re.match(r'^network\.(\d+)\.(.*)$', key)
+    if m and int(m[1]) % 2 == 1:
+        return f'stages.{(int(m[1]) + 1) // 2}.downsample.' \
+               f'{_apply_first(_DOWNSAMPLE_RULES, m[2])}'
+    if key.startswith('dist_head.'):
+        return 'head_dist.' + key[len('dist_head.'):]
+    return key
+
+
+__all__ = ['EfficientFormerV2', 'convert_official_key']
