@@ -6,6 +6,7 @@ mmdet/mmseg configs can use ``custom_imports=dict(imports=['effbackbones'])`` an
 """
 from . import compat  # noqa: F401  (torch>=2.6 weights_only fix for mmengine resume)
 from .checkpoint import CheckpointError, load_checkpoint_file, load_pretrained
+from . import datasets, engine  # noqa: F401  (transforms and hooks registered)
 from .models import *  # noqa: F401,F403
 from .models import __all__ as _model_names
 from .registry import MODELS

@@ -32,9 +32,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
+# pip install quietly; on failure show the end of its log (without the local-index noise)
+pipq() {
+  "${PIP[@]}" install -q "$@" > "$VENV/pip.log" 2>&1 && return 0
+  grep -v "Location '" "$VENV/pip.log" | tail -30 >&2
+  return 1
+}
 
 log "1/4 torch==2.13.0 (CPU wheel from the local wheel folder)"
-"${PIP[@]}" install -q "torch==2.13.0" \
+pipq "torch==2.13.0" \
   || die "torch 2.13.0 CPU could not be installed. 'pip config list' must show the local wheel folder that holds torch-2.13.0+cpu."
 "$PY" - <<'PY' || die "the installed torch is not the CPU build 2.13.0"
 import torch, sys
@@ -45,8 +51,8 @@ PY
 # mmcv's setup.py imports pkg_resources, which setuptools >= 70 dropped; torch only needs newer
 # setuptools for its own install metadata, not at run time.
 log "2/4 build prerequisites (setuptools<70, wheel, ninja, numpy, opencv-python-headless)"
-"${PIP[@]}" install -q "setuptools<70" wheel ninja "numpy<2.3" opencv-python-headless 2>&1 \
-  | grep -v -i "dependency conflicts\|requires setuptools\|incompatible" || true
+pipq "setuptools<70" wheel ninja "numpy<2.3" opencv-python-headless \
+  || die "could not install the build prerequisites (setuptools<70, wheel, ninja, numpy, opencv)"
 "$PY" -c "import pkg_resources" 2>/dev/null || die "pkg_resources is missing (setuptools<70 did not install)"
 
 if "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__=='2.1.0'" 2>/dev/null; then
@@ -72,13 +78,14 @@ else
 fi
 
 log "3/4 mmengine 0.10.7, mmdet 3.3.0, mmsegmentation 1.2.2, ftfy, regex, pytest"
-"${PIP[@]}" install -q "mmengine==0.10.7" "mmdet==3.3.0" "mmsegmentation==1.2.2" ftfy regex \
-  pycocotools "pytest>=7" "setuptools<70" "numpy<2.3" "torch==2.13.0" 2>&1 \
-  | grep -v -i "dependency conflicts\|requires setuptools\|incompatible" || true
+# (torch and setuptools are not named here: pip would try to reconcile torch's metadata, which
+# asks for setuptools>=77, with the setuptools<70 mmcv needs; neither is required at run time.)
+pipq "mmengine==0.10.7" "mmdet==3.3.0" "mmsegmentation==1.2.2" ftfy regex pycocotools \
+  "pytest>=7" "numpy<2.3" || die "installing mmengine/mmdet/mmsegmentation failed (log above)"
 "$PY" -c "import mmdet, mmseg, mmengine" || die "mmdet/mmseg/mmengine do not import (see the pip output above)"
 
 log "4/4 effbackbones (editable)"
-"${PIP[@]}" install -q --no-build-isolation --no-deps -e "$ROOT" || die "installing effbackbones failed"
+pipq --no-build-isolation --no-deps -e "$ROOT" || die "installing effbackbones failed"
 "$PY" -c "import effbackbones" || die "effbackbones does not import"
 
 touch "$STAMP"

@@ -1,4 +1,8 @@
 from .base import BaseDenseBackbone
+from .efficientformer import EfficientFormer
+from .efficientformer_v2 import EfficientFormerV2
+from .mobileformer import MobileFormer
 from .swiftformer import SwiftFormer
 
-__all__ = ['BaseDenseBackbone', 'SwiftFormer']
+__all__ = ['BaseDenseBackbone', 'EfficientFormer', 'EfficientFormerV2', 'MobileFormer',
+           'SwiftFormer']

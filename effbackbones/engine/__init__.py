@@ -1,0 +1,3 @@
+from .hooks import DeployHook
+
+__all__ = ['DeployHook']

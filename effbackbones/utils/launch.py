@@ -1,0 +1,168 @@
+"""What tools/train.py and tools/test.py share: picking the toolbox (mmdet or mmseg) from the
+config, checking that datasets and checkpoints exist before a long start-up, and making
+torch.distributed work on CPU machines (gloo) as well as GPUs (nccl)."""
+import os
+import os.path as osp
+import sys
+
+import torch
+
+DATASET_HELP = {
+    'CocoDataset': (
+        'COCO 2017 is expected under {root} (annotations/instances_train2017.json, '
+        'annotations/instances_val2017.json, train2017/, val2017/). Download it from '
+        'https://cocodataset.org/#download (2017 Train/Val images + annotations) and unpack it '
+        'there, or link it: ln -s /path/to/coco data/coco.'),
+    'ADE20KDataset': (
+        'ADE20K (SceneParsing, ADEChallengeData2016) is expected under {root} '
+        '(images/training, images/validation, annotations/training, annotations/validation). '
+        'Download ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/ and unzip it '
+        'there, or link it: ln -s /path/to/ADEChallengeData2016 data/ade/ADEChallengeData2016.'),
+}
+
+
+class DatasetNotFound(SystemExit):
+    pass
+
+
+def detect_toolbox(cfg):
+    """'mmdet' or 'mmseg', from ``default_scope`` (or the model type as a fallback)."""
+    scope = cfg.get('default_scope')
+    if scope in ('mmdet', 'mmseg'):
+        return scope
+    model_type = str(cfg.get('model', {}).get('type', ''))
+    if model_type in ('EncoderDecoder', 'CascadeEncoderDecoder') or 'decode_head' in cfg.get(
+            'model', {}):
+        return 'mmseg'
+    if model_type:
+        return 'mmdet'
+    raise ValueError('cannot tell whether this config is for mmdet or mmseg: set '
+                     "default_scope='mmdet' or 'mmseg' (our configs inherit it from their bases)")
+
+
+def register_toolbox(toolbox):
+    import effbackbones  # noqa: F401  (registers our scope and the torch.load allow-list)
+    if toolbox == 'mmdet':
+        from mmdet.utils import register_all_modules
+    else:
+        from mmseg.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+
+
+def _dataset_cfgs(cfg, which):
+    for name in which:
+        loader = cfg.get(name)
+        if not loader:
+            continue
+        ds = loader.get('dataset')
+        stack = [ds]
+        while stack:
+            d = stack.pop()
+            if d is None:
+                continue
+            if isinstance(d, (list, tuple)):
+                stack.extend(d)
+                continue
+            if 'datasets' in d:
+                stack.extend(d['datasets'])
+            elif 'dataset' in d:
+                stack.append(d['dataset'])
+            else:
+                yield name, d
+
+
+def check_datasets(cfg, which=('train_dataloader', 'val_dataloader', 'test_dataloader')):
+    """Exit with a message saying where the data must be (and how to get it) if it is absent."""
+    problems = []
+    for loader, ds in _dataset_cfgs(cfg, which):
+        root = ds.get('data_root', '') or ''
+        paths = []
+        ann = ds.get('ann_file')
+        if ann:
+            paths.append(('ann_file', osp.join(root, ann)))
+        for key, sub in (ds.get('data_prefix') or {}).items():
+            if isinstance(sub, str) and sub:
+                paths.append((f'data_prefix.{key}', osp.join(root, sub)))
+        if not paths and root:
+            paths.append(('data_root', root))
+        missing = [(k, p) for k, p in paths if not osp.exists(p)]
+        if missing:
+            kind = ds.get('type', 'dataset')
+            how = DATASET_HELP.get(kind, 'Put the data there or change data_root.').format(
+                root=root or '.')
+            problems.append(
+                f'{loader} ({kind}): missing ' + ', '.join(f'{p} ({k})' for k, p in missing) +
+                f'\n  {how}\n  Or point the config elsewhere: --cfg-options '
+                f'{loader}.dataset.data_root=/path/to/data/')
+    if problems:
+        msg = ('Dataset not found.\n' + '\n'.join(problems) +
+               '\nTo try the whole pipeline without downloads: bash tools/run_demo.sh '
+               '(synthetic shapes data).')
+        raise DatasetNotFound(msg)
+
+
+def _iter_init_cfgs(node):
+    if isinstance(node, dict):
+        init_cfg = node.get('init_cfg')
+        if isinstance(init_cfg, dict):
+            yield init_cfg
+        for v in node.values():
+            yield from _iter_init_cfgs(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            yield from _iter_init_cfgs(v)
+
+
+def check_pretrained_files(cfg):
+    """Exit early, with the fix, when an ImageNet checkpoint named in the config is missing."""
+    if cfg.get('resume') or cfg.get('load_from'):
+        return  # weights come from the resumed / loaded checkpoint
+    for init_cfg in _iter_init_cfgs(cfg.get('model', {})):
+        ckpt = init_cfg.get('checkpoint')
+        if init_cfg.get('type') == 'Pretrained' and isinstance(ckpt, str) and \
+                '://' not in ckpt and not osp.isfile(ckpt):
+            raise SystemExit(
+                f'ImageNet checkpoint not found: {ckpt}\n  Download the released weights of the '
+                f'backbone (official repository or timm) to that path, or set another path with '
+                f'--cfg-options model.backbone.init_cfg.checkpoint=/path/to/file.pth, or train '
+                f'from scratch with --cfg-options model.backbone.init_cfg=None.')
+
+
+def prepare_config(cfg, args, work_dir_default):
+    """Apply the command-line flags mmdet/mmseg's tools accept, plus CPU-distributed fixes."""
+    cfg.launcher = args.launcher
+    if getattr(args, 'cfg_options', None):
+        cfg.merge_from_dict(args.cfg_options)
+    if getattr(args, 'work_dir', None):
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = work_dir_default
+    if args.launcher != 'none' and not torch.cuda.is_available():
+        # torch.distributed on CPU: gloo, and DDP must not get CUDA device ids
+        cfg.setdefault('env_cfg', {})
+        cfg.env_cfg.setdefault('dist_cfg', {})
+        cfg.env_cfg.dist_cfg['backend'] = 'gloo'
+        wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
+        wrapper['device_ids'] = None
+        wrapper.setdefault('broadcast_buffers', False)
+        cfg.model_wrapper_cfg = wrapper
+        _init_cpu_process_group()
+    return cfg
+
+
+def _init_cpu_process_group():
+    """mmengine's init_dist calls torch.cuda.set_device: initialise gloo ourselves on CPU."""
+    import torch.distributed as dist
+    if dist.is_available() and not dist.is_initialized() and 'RANK' in os.environ:
+        dist.init_process_group(backend='gloo')
+
+
+def main_guard(fn):
+    """Run ``fn`` and turn our SystemExit messages into a clean, non-zero exit."""
+    try:
+        fn()
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            sys.exit(2)
+        raise

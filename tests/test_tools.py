@@ -1,0 +1,180 @@
+"""End to end through tools/: train (+ resume after a stop), test, distributed (2 CPU
+processes, gloo), converter, FLOPs report, clear errors for missing data / weights.
+
+Runs the real scripts as subprocesses on a tiny synthetic dataset, for mmdet and mmseg.
+"""
+import glob
+import json
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, load_pack, make_weights
+
+PY = sys.executable
+DET = 'configs/demo/maskrcnn_swiftformer_xs_shapes.py'
+SEG = 'configs/demo/semfpn_swiftformer_xs_shapes.py'
+
+
+def run(args, timeout=600, env=None, check=True):
+    e = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    e.update(env or {})
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=e)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{" ".join(args)} failed ({proc.returncode}):\n'
+                             f'{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}')
+    return proc
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    from effbackbones.datasets.synthetic import make_shapes_dataset
+    root = str(tmp_path_factory.mktemp('data') / 'shapes')
+    make_shapes_dataset(root, num_train=8, num_val=4, size=(128, 160), max_objects=3)
+    return root
+
+
+def det_opts(shapes, epochs):
+    r = shapes + '/coco/'
+    return ['--cfg-options', f'train_dataloader.dataset.data_root={r}',
+            f'val_dataloader.dataset.data_root={r}', f'test_dataloader.dataset.data_root={r}',
+            f'val_evaluator.ann_file={r}annotations/instances_val.json',
+            f'test_evaluator.ann_file={r}annotations/instances_val.json',
+            f'train_cfg.max_epochs={epochs}', f'train_cfg.val_interval={epochs}',
+            'default_hooks.checkpoint.interval=1', 'default_hooks.logger.interval=1',
+            'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
+            'val_dataloader.num_workers=0', 'test_dataloader.num_workers=0',
+            'randomness.seed=0']
+
+
+def seg_opts(shapes, iters):
+    r = shapes + '/seg/'
+    return ['--cfg-options', f'train_dataloader.dataset.data_root={r}',
+            f'val_dataloader.dataset.data_root={r}', f'test_dataloader.dataset.data_root={r}',
+            f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
+            f'default_hooks.checkpoint.interval={iters}', 'default_hooks.logger.interval=1',
+            'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
+            'val_dataloader.num_workers=0', 'test_dataloader.num_workers=0',
+            'randomness.seed=0']
+
+
+def _scalars(work_dir):
+    recs = []
+    for f in sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json'))):
+        recs += [json.loads(line) for line in open(f) if line.strip()]
+    return recs
+
+
+@pytest.mark.slow
+def test_mmdet_train_resume_test(shapes, tmp_path):
+    wd = str(tmp_path / 'det')
+    run([PY, 'tools/train.py', DET, '--work-dir', wd] + det_opts(shapes, 1))
+    assert osp.isfile(osp.join(wd, 'epoch_1.pth'))
+    # a stopped run resumes from its last checkpoint (torch>=2.6 weights_only load included)
+    proc = run([PY, 'tools/train.py', DET, '--work-dir', wd, '--resume'] + det_opts(shapes, 2))
+    log = proc.stdout + proc.stderr
+    assert re.search(r'resumed epoch: 1, iter: \d+', log), log[-3000:]
+    assert osp.isfile(osp.join(wd, 'epoch_2.pth'))
+    iters = [r['iter'] for r in _scalars(wd) if 'loss' in r]
+    assert iters == sorted(iters) and len(set(iters)) == len(iters)   # no epoch re-trained
+    # evaluation with mmdet's CocoMetric, eager and deploy backbone give the same numbers
+    proc = run([PY, 'tools/test.py', DET, osp.join(wd, 'epoch_2.pth'), '--work-dir', wd,
+                '--show-dir', 'vis'] + det_opts(shapes, 2))
+    eager = re.search(r'coco/bbox_mAP: ([\d.-]+)', proc.stdout + proc.stderr)
+    assert eager, (proc.stdout + proc.stderr)[-3000:]
+    assert glob.glob(osp.join(wd, '*', 'vis', '*.png'))
+    proc = run([PY, 'tools/test.py', DET, osp.join(wd, 'epoch_2.pth'), '--work-dir', wd,
+                '--deploy'] + det_opts(shapes, 2))
+    out = proc.stdout + proc.stderr
+    assert 'deploy mode' in out
+    deploy = re.search(r'coco/bbox_mAP: ([\d.-]+)', out)
+    assert deploy and deploy.group(1) == eager.group(1)
+
+
+@pytest.mark.slow
+def test_mmseg_train_test(shapes, tmp_path):
+    wd = str(tmp_path / 'seg')
+    run([PY, 'tools/train.py', SEG, '--work-dir', wd] + seg_opts(shapes, 4))
+    ckpt = osp.join(wd, 'iter_4.pth')
+    assert osp.isfile(ckpt)
+    losses = [r['loss'] for r in _scalars(wd) if 'loss' in r]
+    assert len(losses) == 4 and all(l == l for l in losses)
+    proc = run([PY, 'tools/test.py', SEG, ckpt, '--work-dir', wd] + seg_opts(shapes, 4))
+    assert re.search(r'mIoU: [\d.]+', proc.stdout + proc.stderr)
+
+
+@pytest.mark.slow
+def test_distributed_two_cpu_processes(shapes, tmp_path):
+    wd = str(tmp_path / 'dist')
+    proc = run(['bash', 'tools/dist_train.sh', SEG, '2', '--work-dir', wd] + seg_opts(shapes, 3),
+               env={'PORT': '29517', 'PYTHON': PY})
+    out = proc.stdout + proc.stderr
+    assert osp.isfile(osp.join(wd, 'iter_3.pth')), out[-3000:]
+    assert 'Distributed training: True' in out, out[-3000:]
+    assert "type='MMDistributedDataParallel'" in out and 'device_ids=None' in out
+
+
+def test_missing_dataset_says_where_and_how(tmp_path):
+    proc = run([PY, 'tools/train.py', 'configs/maskrcnn_swiftformer_l1.py', '--cfg-options',
+                f'train_dataloader.dataset.data_root={tmp_path}/coco/',
+                f'val_dataloader.dataset.data_root={tmp_path}/coco/'], check=False, timeout=300)
+    assert proc.returncode == 2
+    assert 'Dataset not found' in proc.stderr and 'cocodataset.org' in proc.stderr
+    assert 'instances_train2017.json' in proc.stderr
+    proc = run([PY, 'tools/train.py', 'configs/semfpn_swiftformer_xs.py'], check=False,
+               timeout=300)
+    assert proc.returncode == 2 and 'ADEChallengeData2016' in proc.stderr
+
+
+def test_missing_imagenet_checkpoint_is_reported_before_training():
+    from mmengine.config import Config
+    from effbackbones.utils.launch import check_pretrained_files
+    cfg = Config.fromfile(osp.join(REPO, 'configs/maskrcnn_swiftformer_l1.py'))
+    cfg.model.backbone.init_cfg.checkpoint = '/nonexistent/SwiftFormer_L1.pth'
+    with pytest.raises(SystemExit, match=r'(?s)ImageNet checkpoint not found.*init_cfg'):
+        check_pretrained_files(cfg)
+
+
+def test_convert_checkpoint_roundtrip(tmp_path):
+    mw = make_weights()
+    pack = load_pack('swiftformer', 'xs')
+    src = tmp_path / 'SwiftFormer_XS.pth'
+    torch.save({'model': mw.state_dict_from_pack(pack)}, src)
+    dst = tmp_path / 'clean.pth'
+    proc = run([PY, 'tools/convert_checkpoint.py', str(src), str(dst)], timeout=300)
+    assert "SwiftFormer(arch='xs')" in proc.stdout
+    clean = torch.load(dst, weights_only=True)
+    assert all(k.startswith(('stem.', 'stages.', 'out_norms.')) for k in clean)
+    from effbackbones.models import SwiftFormer
+    m = SwiftFormer('xs', init_cfg=dict(type='Pretrained', checkpoint=str(dst)))
+    m.init_weights()
+    m.eval()
+    with torch.no_grad():
+        ok, rep = mw.compare_outputs(list(m(mw.input_from_pack(pack))), pack)
+    assert ok, rep
+    mm = tmp_path / 'mmdet.pth'
+    run([PY, 'tools/convert_checkpoint.py', str(src), str(mm), '--model', 'SwiftFormer',
+         '--arch', 'xs', '--mmdet'], timeout=300)
+    sd = torch.load(mm, weights_only=True)['state_dict']
+    assert set(sd) == {'backbone.' + k for k in clean}
+    bad = run([PY, 'tools/convert_checkpoint.py', str(src), str(tmp_path / 'x.pth'), '--model',
+               'SwiftFormer', '--arch', 'l3'], check=False, timeout=300)
+    assert bad.returncode != 0 and 'fits none' in bad.stderr
+
+
+def test_get_flops_reports_params_and_flops():
+    proc = run([PY, 'tools/get_flops.py', '--model', 'SwiftFormer', '--arch', 'xs', '--shape',
+                '224', '224'], timeout=300)
+    m = re.search(r'SwiftFormer\s+xs\s+([\d.]+)\s+([\d.]+)', proc.stdout)
+    assert m, proc.stdout
+    assert float(m.group(1)) == pytest.approx(load_pack('swiftformer', 'xs')['params_dense'] / 1e6,
+                                              abs=1e-3)
+    assert 0.55 < float(m.group(2)) < 0.65     # paper: 0.6 GMACs at 224 (classifier: +head)
+    proc = run([PY, 'tools/get_flops.py', '--config', 'configs/maskrcnn_swiftformer_xs.py',
+                '--shape', '256', '320'], timeout=300)
+    assert 'backbone + neck' in proc.stdout

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint of an mmdet 3.3 / mmseg 1.2.2 config that uses an effbackbones backbone.
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE] [--show-dir DIR]
+        [--deploy] [--cfg-options k=v ...] [--launcher pytorch]
+
+``--deploy`` folds the backbone's BatchNorms and caches its attention biases before testing
+(the deploy path, same predictions). ``--show-dir`` saves pictures of the predictions.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmengine.config import Config, DictAction  # noqa: E402
+
+from effbackbones.utils.launch import (check_datasets, detect_toolbox, main_guard,  # noqa: E402
+                                       prepare_config, register_toolbox)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='Test a detector / segmentor with effbackbones')
+    p.add_argument('config', help='test config file path')
+    p.add_argument('checkpoint', help='checkpoint file')
+    p.add_argument('--work-dir', help='the dir to save logs and metrics')
+    p.add_argument('--out', help='mmdet: dump predictions to this .pkl; mmseg: save '
+                                 'prediction maps in this directory')
+    p.add_argument('--show', action='store_true', help='show predictions in a window')
+    p.add_argument('--show-dir', help='save pictures of the predictions in this directory '
+                                      '(relative to the run\'s timestamped work dir)')
+    p.add_argument('--wait-time', type=float, default=2, help='interval of --show (s)')
+    p.add_argument('--deploy', action='store_true',
+                   help='switch the backbone to deploy mode (BN folded) before testing')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction,
+                   help='override config settings, xxx=yyy format')
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = p.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = Config.fromfile(args.config)
+    toolbox = detect_toolbox(cfg)
+    register_toolbox(toolbox)
+    cfg = prepare_config(cfg, args, osp.join('./work_dirs',
+                                             osp.splitext(osp.basename(args.config))[0]))
+    if not osp.isfile(args.checkpoint) and '://' not in args.checkpoint:
+        raise SystemExit(f'checkpoint not found: {args.checkpoint}')
+    cfg.load_from = args.checkpoint
+    # the trained weights replace the ImageNet init: do not require the ImageNet file
+    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
+        cfg.model.backbone.init_cfg = None
+    check_datasets(cfg, ('test_dataloader',))
+
+    if args.show or args.show_dir:
+        hooks = cfg.default_hooks
+        if 'visualization' not in hooks:
+            raise SystemExit('--show/--show-dir need default_hooks.visualization in the config')
+        hooks.visualization.draw = True
+        if args.show:
+            hooks.visualization.show = True
+            hooks.visualization.wait_time = args.wait_time
+        if args.show_dir:
+            key = 'test_out_dir' if toolbox == 'mmdet' else 'test_out_dir'
+            hooks.visualization[key] = args.show_dir
+    if args.out:
+        if toolbox == 'mmdet':
+            dump = dict(type='DumpDetResults', out_file_path=args.out)
+            ev = cfg.test_evaluator
+            cfg.test_evaluator = (list(ev) if isinstance(ev, (list, tuple)) else [ev]) + [dump]
+        else:
+            cfg.test_evaluator['output_dir'] = args.out
+            cfg.test_evaluator['keep_results'] = True
+    if args.deploy:
+        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+            dict(type='effbackbones.DeployHook')]
+
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner.test()
+
+
+if __name__ == '__main__':
+    main_guard(main)
