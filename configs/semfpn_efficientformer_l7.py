@@ -1,0 +1,11 @@
+# Semantic FPN + EfficientFormer-L7, ADE20K 512x512, 40k iters: the EfficientFormer paper recipe
+# (official segmentation/configs/sem_fpn/fpn_efficientformer_l7_ade20k_40k.py): AdamW lr 2e-4,
+# wd 1e-4, poly (power 0.9, min lr 0), batch 4 x 8 GPUs, test sides resized to multiples of 32.
+_base_ = ['./_base_/semfpn_ade20k_40k_adamw.py']
+
+model = dict(
+    backbone=dict(
+        type='effbackbones.EfficientFormer', arch='l7', drop_path_rate=0.0,
+        bias_mode='official',
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/efficientformer_l7_300d.pth')),
+    neck=dict(in_channels=[96, 192, 384, 768]))
