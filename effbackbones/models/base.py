@@ -135,10 +135,16 @@ class BaseDenseBackbone(BaseModule):
         """``[stem_modules, stage0_modules, ...]``: what ``frozen_stages`` freezes, in order."""
         raise NotImplementedError
 
+    def unused_groups(self):
+        """Stage groups never computed for ``out_indices`` (forward stops at the last one)."""
+        return self.stage_groups()[self.out_indices[-1] + 2:]
+
     def _freeze_stages(self):
-        if self.frozen_stages < 0:
-            return
-        for group in self.stage_groups()[:self.frozen_stages + 1]:
+        # Stages after the last returned map are not run: their parameters would never get a
+        # gradient, which DistributedDataParallel (find_unused_parameters=False, the mmdet /
+        # mmseg default) rejects. They stay in the state dict so checkpoints load whole.
+        frozen = self.stage_groups()[:self.frozen_stages + 1] if self.frozen_stages >= 0 else []
+        for group in list(frozen) + list(self.unused_groups()):
             for m in group:
                 if m is None:
                     continue

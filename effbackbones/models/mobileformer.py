@@ -518,6 +518,10 @@ class MobileFormer(BaseDenseBackbone):
                            if bs == s])
         return groups
 
+    def unused_groups(self):
+        # with return_tokens every block runs, so nothing is left out of training
+        return [] if self.return_tokens else super().unused_groups()
+
     def forward(self, x):
         """Return the maps of ``out_indices`` (+ the ``(B, M, D)`` tokens if ``return_tokens``)."""
         self.check_input(x)
