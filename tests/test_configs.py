@@ -42,6 +42,8 @@ FAMILY_CONFIGS = {
     'mobileformer': dict(retinanet=('26m', '52m', '96m', '151m', '214m', '294m', '508m'),
                          maskrcnn=('151m', '214m', '294m', '508m'),
                          semfpn=('151m', '214m', '294m', '508m')),
+    'levit': dict(maskrcnn=('128s', '128', '192', '256', '384'),
+                  semfpn=('128s', '128', '192', '256', '384')),
 }
 
 
@@ -234,6 +236,10 @@ def test_levit_no_weight_decay_on_attention_biases(path):
              for p in g['params']}
     tables = [n for n, _ in model.named_parameters() if n.endswith('.attention_biases')]
     assert tables and all(n.startswith('backbone.') for n in tables)
-    for name, p in model.named_parameters():
+    n_attn = sum(1 for n, m in model.backbone.named_modules() if hasattr(m, 'attention_biases'))
+    assert len(tables) == n_attn
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n in tables for n, _ in trainable)
+    for name, p in trainable:
         expected = 0.0 if name in tables else 0.05
         assert decay[id(p)] == pytest.approx(expected), name
