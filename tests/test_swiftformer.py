@@ -135,6 +135,24 @@ def test_with_cp_same_values_and_grads():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
+def test_with_cp_updates_bn_statistics_once():
+    """The checkpoint recompute in backward must not update BatchNorm running statistics a
+    second time: one step with with_cp leaves every buffer as one step without it."""
+    ref = SwiftFormer('xs')
+    cp_model = SwiftFormer('xs', with_cp=True)
+    cp_model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for m in (ref, cp_model):
+        m.train()
+        sum(o.sum() for o in m(x)).backward()
+    bn = 'stages.1.blocks.0.norm.running_mean'       # a BN inside a checkpointed block
+    before = SwiftFormer('xs').state_dict()[bn]
+    buffers = dict(cp_model.named_buffers())
+    assert not torch.equal(buffers[bn], before)      # updated...
+    for n, a in ref.named_buffers():                 # ...exactly as much as without with_cp
+        torch.testing.assert_close(buffers[n], a, rtol=0, atol=0, msg=n)
+
+
 def test_drop_path_is_stochastic_in_train_only():
     model = SwiftFormer('xs', drop_path_rate=0.5)
     rates = [b.drop_path.drop_prob for s in model.stages for b in s.blocks

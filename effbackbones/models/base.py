@@ -8,13 +8,16 @@ architecture:
 * input checks with clear ``ValueError``s (channels, rank, side divisibility where needed);
 * ``frozen_stages`` (mmdet semantics: ``0`` freezes the stem, ``k`` the stem and stages
   ``0..k-1`` with their output norms), ``norm_eval`` (BatchNorms stay in eval mode);
-* ``with_cp``: activation checkpointing of each block while training (``run_block``);
+* ``with_cp``: activation checkpointing of each block while training (``run_block``); the
+  recompute in the backward pass leaves BatchNorm running statistics alone, so they are updated
+  once per step, exactly as without ``with_cp``;
 * ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=None, strict=True,
   allow_unsafe=False)``: the loud, safe loader of :mod:`effbackbones.checkpoint` with the
   family's ``checkpoint_filter_fn``;
 * ``switch_to_deploy()``: every sub-module that can fold (BN into conv/linear, cached biases)
   does so; outputs stay the same in eval mode.
 """
+import contextlib
 import copy
 
 import torch
@@ -24,6 +27,25 @@ from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import load_pretrained
+
+
+@contextlib.contextmanager
+def bn_stats_frozen(module):
+    """Run ``module`` in train mode without touching BN running statistics (momentum 0,
+    ``num_batches_tracked`` restored): for the activation-checkpointing recompute, which would
+    otherwise update every BatchNorm a second time with the same batch. Train-mode BN normalises
+    with the batch statistics, so the recomputed values are the same either way."""
+    bns = [m for m in module.modules()
+           if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
 
 
 class BaseDenseBackbone(BaseModule):
@@ -125,10 +147,12 @@ class BaseDenseBackbone(BaseModule):
     # blocks, freezing, train mode
     # ---------------------------------------------------------------------------------------
     def run_block(self, block, *args):
-        """Run ``block`` with activation checkpointing when ``with_cp`` and training."""
+        """Run ``block`` with activation checkpointing when ``with_cp`` and training; its
+        recompute leaves BN running statistics alone (:func:`bn_stats_frozen`)."""
         if self.with_cp and self.training and any(
                 torch.is_tensor(a) and a.requires_grad for a in args):
-            return cp.checkpoint(block, *args, use_reentrant=False)
+            return cp.checkpoint(block, *args, use_reentrant=False, context_fn=lambda: (
+                contextlib.nullcontext(), bn_stats_frozen(block)))
         return block(*args)
 
     def stage_groups(self):

@@ -26,7 +26,6 @@ resized and the maps equal the official model's. The bias of query ``q`` and key
 ``table[|dy| * W + |dx|]`` (``layers.offset_index``; shrink-attention queries sit on every second
 key position, query grid ``ceil(H/2) x ceil(W/2)`` as the official ``[::2, ::2]`` slicing).
 """
-import contextlib
 import re
 from collections import OrderedDict
 
@@ -34,7 +33,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import LayoutDict
 from ..registry import MODELS
@@ -54,24 +52,6 @@ def residual_drop(x, y, drop, training):
         keep = torch.rand(x.size(0), 1, 1, device=x.device).ge_(drop).div(1 - drop).detach()
         return x + y * keep.to(y.dtype)
     return x + y
-
-
-@contextlib.contextmanager
-def bn_stats_frozen(module):
-    """Run ``module`` in train mode without touching BN running statistics (momentum 0,
-    ``num_batches_tracked`` restored): for the activation-checkpointing recompute, which would
-    otherwise update every BatchNorm a second time with the same batch."""
-    bns = [m for m in module.modules()
-           if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
-    saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum, tracked in saved:
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
 
 
 def bias_table_for_grid(table, table_hw, grid_hw):
@@ -423,14 +403,6 @@ class LeViT(BaseDenseBackbone):
         st = self.stem
         return [[st.conv1], [st.conv2], [st.conv3], [st.conv4, self.stages[0]],
                 [self.stages[1]], [self.stages[2]]]
-
-    def run_block(self, block, *args):
-        """``with_cp``: checkpoint ``block``; its recompute leaves BN running stats alone."""
-        if self.with_cp and self.training and any(
-                torch.is_tensor(a) and a.requires_grad for a in args):
-            return cp.checkpoint(block, *args, use_reentrant=False, context_fn=lambda: (
-                contextlib.nullcontext(), bn_stats_frozen(block)))
-        return block(*args)
 
     def bias_modules(self):
         return [m for m in self.modules() if isinstance(m, _BiasAttention)]
