@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from effbackbones import CheckpointError
 from effbackbones.checkpoint import load_pretrained
 from effbackbones.models.efficientformer import Attention, EfficientFormer, Flat, Meta3D
-from effbackbones.models.layers import offset_index
+from effbackbones.models.attention_bias import offset_index
 
 from conftest import load_pack, make_weights, zero_state_dict
 
@@ -126,15 +126,23 @@ def test_parity_fails_with_a_permuted_seg_table():
     assert not mw.compare_outputs(list(outs), pack)[0]
 
 
-def test_seg_index_equals_official_buffer():
+def test_seg_gather_equals_official_index():
     pack = load_pack('efficientformer', 'l3')
     model = EfficientFormer('l3')
-    attns = model.attention_modules()
+    attns = model.attention_bias_modules()
     assert len(attns) == 4
-    for k, v in pack['int_buffers'].items():
-        if k.endswith('attention_bias_idxs_seg'):
-            for a in attns:
-                assert torch.equal(a.attention_bias_idxs_seg, v)
+    official = [v for k, v in pack['int_buffers'].items()
+                if k.endswith('attention_bias_idxs_seg')]
+    assert official
+    for v in official:
+        assert torch.equal(offset_index((25, 25))[0], v)
+    # the per-axis gather of the dense table == indexing it with the official buffer
+    with torch.no_grad():
+        for a in attns:
+            a.attention_biases_seg.normal_()
+            assert torch.equal(a.dense_bias_matrix(), a.attention_biases_seg[:, official[0]])
+    # and no (625, 625) int64 index is held by the model (the gather is per axis)
+    assert not any(b.dtype == torch.long and b.numel() > 1 for a in attns for b in a.buffers())
     # the classification table too: |dy| * 7 + |dx| is the official insertion order
     assert torch.equal(offset_index((7, 7))[0], _official_cls_idx())
 
@@ -150,7 +158,7 @@ def test_official_bias_is_resized_bicubically_to_token_count():
     for hw in [(2, 3), (7, 7), (25, 40)]:
         n = hw[0] * hw[1]
         ref = F.interpolate(full[None], size=(n, n), mode='bicubic', align_corners=False)[0]
-        torch.testing.assert_close(attn.attention_bias(hw), ref, rtol=0, atol=0)
+        torch.testing.assert_close(attn.attention_bias(hw, hw), ref, rtol=0, atol=0)
 
 
 # -------------------------------------------------------------------------------------------
@@ -234,8 +242,9 @@ def test_pretrained_mode_at_224_is_the_classification_model(variant, tmp_path):
     first = DEPTHS[variant][3] - NUM_VIT[variant] + 1
     for j, blk in enumerate(blocks, start=first):
         table = cls_sd[f'network.6.{j}.token_mixer.attention_biases']
-        assert torch.equal(blk.token_mixer.attention_bias((7, 7)), table[:, idx])
-        assert torch.equal(blk.token_mixer._bias((7, 7)), table[:, idx])   # the eval cache
+        assert torch.equal(blk.token_mixer.attention_bias((7, 7), (7, 7)), table[:, idx])
+        with torch.no_grad():                                             # the eval cache
+            assert torch.equal(blk.token_mixer.attention_bias((7, 7), (7, 7)), table[:, idx])
 
     # the official mode (new 25x25 table, zeros from a cls checkpoint) gives other features
     official = EfficientFormer(variant, init_cfg=_pretrained(path))
@@ -246,21 +255,38 @@ def test_pretrained_mode_at_224_is_the_classification_model(variant, tmp_path):
     assert (off_out - ours).abs().max() > 1e-2 * ours.abs().max()
 
 
-@pytest.mark.parametrize('hw', [(4, 6), (9, 5), (1, 3)])
-def test_pretrained_table_is_resized_over_the_offset_grid(hw):
+def _table_on_grid_reference(table, src, hw):
+    """The pretrained-table rule (shared with LeViT / V2), written out axis by axis: along an
+    axis where the grid side is <= ``src`` the learned offsets ``0..side-1`` are kept (crop),
+    along a larger one the offset axis is resized bicubically (align_corners=False)."""
+    img = table.reshape(1, -1, src, src)
+    h, w = hw
+    img = F.interpolate(img, size=(h, img.shape[3]), mode='bicubic', align_corners=False) \
+        if h > src else img[:, :, :h]
+    img = F.interpolate(img, size=(img.shape[2], w), mode='bicubic', align_corners=False) \
+        if w > src else img[:, :, :, :w]
+    return img[0]
+
+
+@pytest.mark.parametrize('hw', [(4, 6), (1, 3), (7, 7), (9, 5), (5, 12), (10, 12)])
+def test_pretrained_table_is_cropped_or_resized_over_the_offset_grid(hw):
     model = EfficientFormer('l1', bias_mode='pretrained')
     attn = model.stages[3].blocks[4].token_mixer
     with torch.no_grad():
         attn.attention_biases.copy_(torch.randn(HEADS, 49))
-    img = F.interpolate(attn.attention_biases.detach().reshape(1, HEADS, 7, 7), size=hw,
-                        mode='bicubic', align_corners=False)[0]
+    table = attn.attention_biases.detach()
+    img = _table_on_grid_reference(table, 7, hw)
     h, w = hw
     pos = [(y, x) for y in range(h) for x in range(w)]
     ref = torch.stack([torch.stack([img[:, abs(p[0] - q[0]), abs(p[1] - q[1])] for q in pos], -1)
                        for p in pos], -2)
-    bias = attn.attention_bias(hw)
+    bias = attn.attention_bias(hw, hw)
     assert bias.shape == (HEADS, h * w, h * w)
     torch.testing.assert_close(bias, ref, rtol=0, atol=1e-6)
+    if h <= 7 and w <= 7:
+        # a grid that fits in the pretraining one: exactly the learned values of its offsets
+        flat = torch.tensor([[abs(p[0] - q[0]) * 7 + abs(p[1] - q[1]) for q in pos] for p in pos])
+        assert torch.equal(bias, table[:, flat])
 
 
 def test_modes_own_different_tensors():
@@ -416,7 +442,7 @@ def test_norm_eval_false_updates_bn_stats():
 def test_with_cp_same_grads_and_every_parameter_is_used(bias_mode):
     ref = EfficientFormer('l1', bias_mode=bias_mode)
     with torch.no_grad():
-        for a in ref.attention_modules():
+        for a in ref.attention_bias_modules():
             getattr(a, 'attention_biases_seg', a.attention_biases).normal_()
     cp_model = EfficientFormer('l1', bias_mode=bias_mode, with_cp=True)
     cp_model.load_state_dict(ref.state_dict())
@@ -458,7 +484,7 @@ def test_bias_cache_per_input_size(bias_mode):
     torch.manual_seed(1)
     model = EfficientFormer('l1', bias_mode=bias_mode)
     with torch.no_grad():
-        for a in model.attention_modules():
+        for a in model.attention_bias_modules():
             getattr(a, 'attention_biases_seg', a.attention_biases).normal_(0, 2)
     state = copy.deepcopy(model.state_dict())
     model.eval()
@@ -473,7 +499,7 @@ def test_bias_cache_per_input_size(bias_mode):
             got = model(x)
             for g, e in zip(got, expected):
                 assert torch.equal(g, e)
-    assert set(k for k in attn._bias_cache if k != 'seg_gathered') == {(2, 3), (3, 2), (4, 2)}
+    assert set(attn._bias_cache) == {(g, g, None) for g in [(2, 3), (3, 2), (4, 2)]}
     # a changed table is picked up after loading, train() empties the cache
     state2 = copy.deepcopy(state)
     name = [k for k in state2 if k.endswith(('attention_biases_seg', 'attention_biases'))
@@ -493,13 +519,13 @@ def test_bias_cache_per_input_size(bias_mode):
         for hw in sizes:
             small(torch.randn(1, 3, *hw))
     a = small.stages[3].blocks[4].token_mixer
-    assert [k for k in a._bias_cache if k != 'seg_gathered'] == [(4, 2)]
-    assert len(a._idx_cache) == (1 if bias_mode == 'pretrained' else 0)
-    # training with many sizes (multi-scale) keeps the index cache bounded too
+    assert a._bias_cache.keys() == [((4, 2), (4, 2), None)]
+    assert len(a._table_cache) == (1 if bias_mode == 'pretrained' else 0)
+    # training with many sizes (multi-scale) caches nothing
     small.train()
     for hw in sizes:
         small(torch.randn(1, 3, *hw))
-    assert not a._bias_cache and len(a._idx_cache) <= 1
+    assert not a._bias_cache and not a._table_cache
 
 
 def test_cache_is_cleared_after_load_pretrained_and_to():
@@ -508,13 +534,14 @@ def test_cache_is_cleared_after_load_pretrained_and_to():
     attn = model.stages[3].blocks[4].token_mixer
     with torch.no_grad():
         model(torch.randn(1, 3, 224, 224))
-    stale = attn._bias_cache[(7, 7)].clone()
+    key = ((7, 7), (7, 7), None)
+    stale = attn._bias_cache[key].clone()
     cls_sd = _cls_from_dense(pack)
     load_pretrained(model, cls_sd)
     assert not attn._bias_cache
     with torch.no_grad():
         model(torch.randn(1, 3, 224, 224))
-    fresh = attn._bias_cache[(7, 7)]
+    fresh = attn._bias_cache[key]
     assert not torch.equal(stale, fresh)
     assert torch.equal(fresh, cls_sd['network.6.4.token_mixer.attention_biases'][
         :, _official_cls_idx()])
@@ -563,7 +590,7 @@ def test_released_classification_checkpoint_loads(wrapper, prefix, tmp_path):
         # the stale index buffer of the file (all ones) had no effect
         a = model.stages[3].blocks[4].token_mixer
         if bias_mode == 'pretrained':
-            assert torch.equal(a.attention_bias((7, 7)),
+            assert torch.equal(a.attention_bias((7, 7), (7, 7)),
                                sd['network.6.4.token_mixer.attention_biases'][
                                    :, _official_cls_idx()])
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from effbackbones import CheckpointError
 from effbackbones.checkpoint import load_pretrained
+from effbackbones.models.attention_bias import offset_index
 from effbackbones.models.efficientformer_v2 import EfficientFormerV2, LayerScale2d
 
 from conftest import load_pack, make_weights, zero_state_dict
@@ -178,11 +179,15 @@ def test_parity_through_init_cfg_and_deploy(variant, tmp_path):
     names = {n for n, _ in model.named_parameters()}
     assert not any(n.endswith('.attention_biases') for n in names)
     assert sum(n.endswith('.attention_biases_seg') for n in names) == 2 * VIT_NUM[variant] + 1
-    # our own index tables equal the official ones
+    # our index order equals the official index tables, and the per-axis gather of each dense
+    # table equals indexing it with the official buffer
     for k, v in pack['int_buffers'].items():
         if k.endswith('attention_bias_idxs_seg'):
-            prefix = official_to_timm_key(k).rsplit('.', 1)[0]
-            assert torch.equal(model.get_submodule(prefix).attention_bias_idxs_seg, v), k
+            m = model.get_submodule(official_to_timm_key(k).rsplit('.', 1)[0])
+            q_hw = tuple(math.ceil(s / m.q_stride) for s in m.dense_hw)
+            assert torch.equal(offset_index(q_hw, m.dense_hw, m.q_stride)[0], v), k
+            with torch.no_grad():
+                assert torch.equal(m.dense_bias_matrix(), m.attention_biases_seg[:, v]), k
     x = mw.input_from_pack(pack)
     with torch.no_grad():
         outs = model(x)
@@ -280,9 +285,11 @@ def test_pretrained_bias_mode_equals_classification_model_at_224(variant):
         assert rel > 1e-3, (j, rel)
 
 
-@pytest.mark.parametrize('hw', [(64, 96), (256, 384), (96, 64)])
-def test_pretrained_bias_is_resized_offset_table(hw):
-    """Off 224 the ImageNet table is resized over the offset grid, then gathered."""
+@pytest.mark.parametrize('hw', [(64, 96), (256, 384), (96, 64), (256, 96)])
+def test_pretrained_bias_is_cropped_or_resized_offset_table(hw):
+    """Off 224 the ImageNet table is brought to the runtime key grid per dimension -- cropped
+    where the grid side is <= the table's (learned values exact), resized bicubically where
+    larger -- then gathered (64x96: all cropped; 256x384: all resized; 256x96: mixed)."""
     pack = _pack('s0')
     model = EfficientFormerV2('s0', bias_mode='pretrained')
     load_pretrained(model, cls_state_dict(pack, seed=11))
@@ -295,14 +302,27 @@ def test_pretrained_bias_is_resized_offset_table(hw):
         src = 14 if name.startswith('stages.3.downsample') else 7
         stride = 2 if name.startswith('stages.3.downsample') else 1
         heads = m.attention_biases.shape[0]
-        grid = F.interpolate(m.attention_biases.detach().reshape(1, heads, src, src),
-                             size=k_hw, mode='bicubic', align_corners=False)[0]
+        grid = m.attention_biases.detach().reshape(1, heads, src, src)
+        # resize the axes whose runtime side is larger (a kept side is sampled at its own
+        # positions), then keep offsets 0..side-1 of every axis
+        size = (max(k_hw[0], src), max(k_hw[1], src))
+        if size != (src, src):
+            grid = F.interpolate(grid, size=size, mode='bicubic', align_corners=False)
+        grid = grid[0, :, :k_hw[0], :k_hw[1]]
         expect = torch.empty(heads, q_hw[0] * q_hw[1], k_hw[0] * k_hw[1])
         for qi, (qy, qx) in enumerate(itertools.product(range(q_hw[0]), range(q_hw[1]))):
             for ki, (ky, kx) in enumerate(itertools.product(range(k_hw[0]), range(k_hw[1]))):
                 expect[:, qi, ki] = grid[:, abs(stride * qy - ky), abs(stride * qx - kx)]
         with torch.no_grad():
-            torch.testing.assert_close(m.attention_bias(q_hw, k_hw), expect, rtol=0, atol=0)
+            bias = m.attention_bias(q_hw, k_hw)
+        torch.testing.assert_close(bias, expect, rtol=0, atol=0)
+        if k_hw[0] <= src and k_hw[1] <= src:      # cropped: exactly the learned table values
+            flat = m.attention_biases.detach()
+            for qi, (qy, qx) in enumerate(itertools.product(range(q_hw[0]), range(q_hw[1]))):
+                for ki, (ky, kx) in enumerate(itertools.product(range(k_hw[0]),
+                                                                range(k_hw[1]))):
+                    off = abs(stride * qy - ky) * src + abs(stride * qx - kx)
+                    assert torch.equal(bias[:, qi, ki], flat[:, off])
     outs = model(torch.randn(1, 3, h, w))
     for out, s, c in zip(outs, (4, 8, 16, 32), WIDTHS['s0']):
         assert out.shape == (1, c, h // s, w // s)
@@ -444,12 +464,13 @@ def test_bias_cache_per_input_size(bias_mode):
         assert len(attn._bias_cache) == 2
         # every cached entry equals a fresh computation for its size
         for m in (attn, down):
-            for (q_hw, k_hw, _, _), bias in m._bias_cache.data.items():
+            for q_hw, k_hw, dtype in m._bias_cache.keys():
+                bias = m._bias_cache[q_hw, k_hw, dtype]
                 assert bias.shape == (8, q_hw[0] * q_hw[1], k_hw[0] * k_hw[1])
                 torch.testing.assert_close(bias, m._compute_bias(q_hw, k_hw), rtol=0, atol=0)
         model(xc)                                                # LRU: size a evicted
         assert len(attn._bias_cache) == 2
-        assert ((2, 3), (2, 3)) not in [k[:2] for k in attn._bias_cache.data]
+        assert ((2, 3), (2, 3)) not in [k[:2] for k in attn._bias_cache.keys()]
         # a cold model gives the same outputs for every size
         fresh = copy.deepcopy(model)
         fresh.clear_bias_cache()
@@ -465,7 +486,7 @@ def test_bias_cache_per_input_size(bias_mode):
     assert len(attn._bias_cache) == 1
     sd = model.state_dict()
     table = 'attention_biases_seg' if bias_mode == 'official' else 'attention_biases'
-    sd[f'stages.3.blocks.3.token_mixer.{table}'] = torch.zeros_like(attn._bias_table())
+    sd[f'stages.3.blocks.3.token_mixer.{table}'] = torch.zeros_like(attn.bias_table())
     model.load_state_dict(sd)
     assert len(attn._bias_cache) == 0
     with torch.no_grad():
@@ -475,7 +496,7 @@ def test_bias_cache_per_input_size(bias_mode):
     assert len(attn._bias_cache) == 0 and len(down._bias_cache) == 0
     # eval mode with gradients wanted for the table: computed live, gradient flows
     model(xa)[3].sum().backward()
-    assert attn._bias_table().grad is not None
+    assert attn.bias_table().grad is not None
     assert len(attn._bias_cache) == 0
 
 

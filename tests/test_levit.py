@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 from effbackbones import CheckpointError
 from effbackbones.checkpoint import load_pretrained
-from effbackbones.models.layers import offset_index, resize_bias_table
-from effbackbones.models.levit import (LeViT, _BiasAttention, bias_table_for_grid,
-                                       gather_bias)
+from effbackbones.models.attention_bias import (axis_offsets, gather_offset_bias, offset_index,
+                                                resize_bias_table, table_for_grid)
+from effbackbones.models.levit import LeViT, _BiasAttention
 
 from conftest import load_pack, make_weights, zero_state_dict
 
@@ -101,7 +101,7 @@ def test_official_index_tables_are_offset_index(variant):
     modules = dict(model.named_modules())
     converted = model.checkpoint_filter_fn(make_weights().state_dict_from_pack(pack))
     converted = {k: v for k, v in converted.items() if k.endswith('attention_bias_idxs')}
-    assert len(converted) == len(model.bias_modules())
+    assert len(converted) == len(model.attention_bias_modules())
     for key, idx in converted.items():
         m = modules[key[:-len('.attention_bias_idxs')]]
         k_hw = m.table_hw                               # 224: key grid == table grid
@@ -110,7 +110,8 @@ def test_official_index_tables_are_offset_index(variant):
         assert table_hw == k_hw
         assert torch.equal(ours, idx), key
         table = torch.randn(m.attention_biases.shape)
-        gathered = gather_bias(table.reshape(-1, *k_hw), q_hw, k_hw, m.q_stride)
+        gathered = gather_offset_bias(table.reshape(-1, *k_hw),
+                                      *axis_offsets(q_hw, k_hw, m.q_stride))
         assert torch.equal(gathered, table[:, idx])
 
 
@@ -185,29 +186,29 @@ def test_input_size_errors():
 def test_bias_table_same_size_is_identity():
     table = torch.randn(4, 196)
     assert resize_bias_table(table, (14, 14), (14, 14)) is table
-    assert torch.equal(bias_table_for_grid(table, (14, 14), (14, 14)),
+    assert torch.equal(table_for_grid(table, (14, 14), (14, 14)),
                        table.reshape(4, 14, 14))
 
 
 def test_bias_table_smaller_grid_is_exact_crop():
     table = torch.randn(4, 196)
-    out = bias_table_for_grid(table, (14, 14), (9, 5))
+    out = table_for_grid(table, (14, 14), (9, 5))
     assert torch.equal(out, table.reshape(4, 14, 14)[:, :9, :5])
 
 
 def test_bias_table_larger_grid_is_bicubic_resize():
     table = torch.randn(3, 49)
-    out = bias_table_for_grid(table, (7, 7), (25, 42))
+    out = table_for_grid(table, (7, 7), (25, 42))
     ref = F.interpolate(table.reshape(1, 3, 7, 7), size=(25, 42), mode='bicubic',
                         align_corners=False)[0]
     assert out.shape == (3, 25, 42)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     # a constant table stays constant; a smooth one keeps its zero-offset value
-    const = bias_table_for_grid(torch.full((2, 196), 1.5), (14, 14), (50, 84))
+    const = table_for_grid(torch.full((2, 196), 1.5), (14, 14), (50, 84))
     torch.testing.assert_close(const, torch.full_like(const, 1.5))
     dy, dx = torch.meshgrid(torch.arange(14.), torch.arange(14.), indexing='ij')
     smooth = (-0.1 * (dy ** 2 + dx ** 2) ** 0.5).exp().reshape(1, -1)
-    big = bias_table_for_grid(smooth, (14, 14), (50, 84))
+    big = table_for_grid(smooth, (14, 14), (50, 84))
     span = (smooth.max() - smooth.min()).item()
     # zero offset and far corner keep their values within 5% of the table's range (bicubic
     # with align_corners=False samples half a cell inside and overshoots slightly at the peak)
@@ -221,11 +222,11 @@ def test_bias_table_mixed_grid_resizes_one_side_and_crops_the_other():
     """Runtime 20x10 on a 14x14 table: dy resized (14 -> 20), dx cropped (exact values)."""
     g = torch.randn(2, 1, 14)                           # varies along dx only
     table = g.expand(2, 14, 14).reshape(2, -1)
-    out = bias_table_for_grid(table, (14, 14), (20, 10))
+    out = table_for_grid(table, (14, 14), (20, 10))
     assert out.shape == (2, 20, 10)
     torch.testing.assert_close(out, g[:, :, :10].expand(2, 20, 10), rtol=0, atol=1e-6)
     g = torch.randn(2, 14, 1)                           # varies along dy only
-    out = bias_table_for_grid(g.expand(2, 14, 14).reshape(2, -1), (14, 14), (10, 20))
+    out = table_for_grid(g.expand(2, 14, 14).reshape(2, -1), (14, 14), (10, 20))
     torch.testing.assert_close(out, g[:, :10].expand(2, 10, 20), rtol=0, atol=1e-6)
 
 
@@ -242,7 +243,7 @@ def test_runtime_bias_equals_spec_definition():
                              mode='bicubic', align_corners=False)[0].flatten(1)
         idx, _ = offset_index(q_hw, k_hw, att.q_stride)
         with torch.no_grad():
-            torch.testing.assert_close(att.get_bias(q_hw, k_hw, torch.float32), full[:, idx],
+            torch.testing.assert_close(att.attention_bias(q_hw, k_hw, torch.float32), full[:, idx],
                                        rtol=0, atol=0)
 
 
@@ -250,32 +251,40 @@ def test_runtime_bias_equals_spec_definition():
 def test_bias_cache_per_size_cleared_on_train_and_load(impl):
     model = _model('128s', out_indices=(2,), attn_impl=impl)
     att = model.stages[0].blocks[0].attn
-    what = 'table' if impl == 'chunked' else 'bias'    # chunked caches only the offset table
+    # chunked caches only the (heads, H, W) offset table, sdpa the (heads, Nq, Nk) bias too
+    cache = att._table_cache if impl == 'chunked' else att._bias_cache
+
+    def key_grid(key):                                  # key grid of a cache entry
+        return key if impl == 'chunked' else key[1]
+
     x = torch.randn(1, 3, 256, 256)
     model.train()
     model(x)
-    assert not att._cache                               # never cached while training
+    assert not len(att._table_cache) and not len(att._bias_cache)   # never cached in training
     model.eval()
     with torch.no_grad():
         first = model(x)[0]
-        key, value = att._cache[what]
-        grid = key[1] if impl == 'chunked' else key[1][1]      # key grid of the entry
-        assert grid == (16, 16)
+        (key,) = cache.keys()
+        assert key_grid(key) == (16, 16)
+        value = cache[key]
+        if impl == 'chunked':
+            assert not len(att._bias_cache)
         model(x)
-        assert att._cache[what][1] is value             # reused for the same size
+        assert cache[key] is value                      # reused for the same size
         model(torch.randn(1, 3, 320, 256))              # another size replaces it (one entry)
-        key = att._cache[what][0]
-        assert (key[1] if impl == 'chunked' else key[1][1]) == (20, 16)
+        (key,) = cache.keys()
+        assert key_grid(key) == (20, 16)
     model.train()
-    assert not att._cache
+    assert not len(cache)
     # loading new weights in eval mode: the loader hook drops the gathered biases
     model.eval()
     with torch.no_grad():
         model(x)
-    assert att._cache
+    assert len(cache)
     other = _random_like(model, seed=7)
     load_pretrained(model, other)
-    assert not any(m._cache for m in model.bias_modules())    # after_load_pretrained hook
+    assert not any(len(m._bias_cache) or len(m._table_cache)
+                   for m in model.attention_bias_modules())
     fresh = LeViT('128s', out_indices=(2,), attn_impl=impl)
     fresh.load_state_dict(other)
     fresh.eval()
@@ -283,7 +292,7 @@ def test_bias_cache_per_size_cleared_on_train_and_load(impl):
         new, ref = model(x)[0], fresh(x)[0]
     torch.testing.assert_close(new, ref)
     assert not torch.allclose(new, first)
-    # even a plain in-place edit of a table is noticed (tensor version in the cache key)
+    # even a plain in-place edit of a table is noticed (tensor version in the cache stamp)
     with torch.no_grad():
         att.attention_biases.add_(1.0)
         fresh.stages[0].blocks[0].attn.attention_biases.add_(1.0)

@@ -14,8 +14,10 @@ architecture:
 * ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=None, strict=True,
   allow_unsafe=False)``: the loud, safe loader of :mod:`effbackbones.checkpoint` with the
   family's ``checkpoint_filter_fn``;
-* ``switch_to_deploy()``: every sub-module that can fold (BN into conv/linear, cached biases)
-  does so; outputs stay the same in eval mode.
+* ``switch_to_deploy()``: every sub-module that can fold (BN into conv/linear, layer scales)
+  does so; outputs stay the same in eval mode;
+* relative-position attention biases (:mod:`.attention_bias`): ``clear_bias_cache()``, called by
+  the loader after loading (``after_load_pretrained``).
 """
 import contextlib
 import copy
@@ -27,6 +29,7 @@ from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import load_pretrained
+from .attention_bias import RelPosBiasAttention
 
 
 @contextlib.contextmanager
@@ -184,6 +187,21 @@ class BaseDenseBackbone(BaseModule):
                 if isinstance(m, _BatchNorm):
                     m.eval()
         return self
+
+    # ---------------------------------------------------------------------------------------
+    # relative-position attention biases
+    # ---------------------------------------------------------------------------------------
+    def attention_bias_modules(self):
+        """Every attention with a learned relative-position bias table, in network order."""
+        return [m for m in self.modules() if isinstance(m, RelPosBiasAttention)]
+
+    def clear_bias_cache(self):
+        for m in self.attention_bias_modules():
+            m.clear_bias_cache()
+
+    def after_load_pretrained(self):
+        """Called by the loader after loading: biases cached from the old tables are stale."""
+        self.clear_bias_cache()
 
     # ---------------------------------------------------------------------------------------
     # weights

@@ -24,24 +24,21 @@ persistent, non-trainable *buffer* here (as in the official dense code), so DDP 
 parameter without gradient.
 
 ``'pretrained'`` (our extension) keeps the ImageNet table ``attention_biases`` (heads, 49) as the
-trainable parameter: the 7x7 table over (|dy|, |dx|) is resized per head to the runtime grid
-(H, W) and gathered with ``|dy| * W + |dx|``. At the pretraining grid (224 input -> 7x7) nothing
-is resized and the features are exactly those of the classification model. No ``_seg`` table
+trainable parameter and adapts the 7x7 table over (|dy|, |dx|) to the runtime grid (H, W) with
+the rule shared with LeViT and EfficientFormerV2 (:mod:`.attention_bias`): per dimension it is
+cropped where the grid side is <= 7 (the learned values stay exact) and resized bicubically where
+it is larger, then gathered with ``|dy| * W + |dx|``. At the pretraining grid (224 input -> 7x7)
+nothing changes and the features are exactly those of the classification model. No ``_seg`` table
 exists in this mode.
 """
-from collections import OrderedDict
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..checkpoint import LayoutDict, rename_keys
 from ..registry import MODELS
+from .attention_bias import BIAS_MODES, RelPosBiasAttention
 from .base import BaseDenseBackbone
-from .layers import (LayerScale, drop_path_or_identity, fuse_conv_bn, offset_index,
-                     resize_bias_table)
-
-BIAS_MODES = ('official', 'pretrained')
+from .layers import LayerScale, drop_path_or_identity, fuse_conv_bn
 
 
 @torch.no_grad()
@@ -189,104 +186,25 @@ class Flat(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class Attention(nn.Module):
+class Attention(RelPosBiasAttention):
     """Multi-head self-attention with a learnt relative-position bias (official ``Attention``).
 
     ``qkv`` is split per head into ``key_dim`` / ``key_dim`` / ``attn_ratio * key_dim``
-    (interleaved per head, as in the official code). The bias for a runtime grid ``hw``
-    comes from :meth:`attention_bias`; see the module docstring for the two ``bias_mode``\\ s.
-    In eval mode the bias of each grid size is cached (at most ``cache_size`` sizes, computed
-    without gradient, like the official ``self.ab``); ``train()``, loading a state dict and
-    moving the module (``.to()``, ``.half()``...) clear the cache.
+    (interleaved per head, as in the official code). The bias of a runtime grid ``hw`` comes from
+    the shared :class:`~.attention_bias.RelPosBiasAttention` (see the module docstring for the two
+    ``bias_mode``\\ s): the 7x7 pretraining table ``attention_biases`` and, in official mode, the
+    25x25 dense table ``attention_biases_seg``. In eval mode the biases of the last
+    ``cache_size`` grid sizes are cached (like the official ``self.ab``).
     """
 
     def __init__(self, dim, key_dim=32, num_heads=8, attn_ratio=4, resolution=7,
                  bias_mode='official', seg_resolution=25, cache_size=4):
         super().__init__()
-        if bias_mode not in BIAS_MODES:
-            raise ValueError(f'bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}')
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.val_dim = int(attn_ratio * key_dim)
-        self.scale = key_dim ** -0.5
-        self.resolution = (resolution, resolution)
-        self.seg_resolution = (seg_resolution, seg_resolution)
-        self.bias_mode = bias_mode
-        self.cache_size = int(cache_size)
+        self.init_heads(num_heads, key_dim, attn_ratio)
         self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + self.val_dim))
-        self.proj = nn.Linear(num_heads * self.val_dim, dim)
-
-        table = torch.zeros(num_heads, resolution * resolution)
-        if bias_mode == 'pretrained':
-            self.attention_biases = nn.Parameter(table)
-        else:
-            # ImageNet table: loaded (persistent) but unused, and never trained.
-            self.register_buffer('attention_biases', table)
-            self.attention_biases_seg = nn.Parameter(
-                torch.zeros(num_heads, seg_resolution * seg_resolution))
-            idx, _ = offset_index(self.seg_resolution)
-            self.register_buffer('attention_bias_idxs_seg', idx, persistent=False)
-        self._bias_cache = OrderedDict()
-        self._idx_cache = OrderedDict()
-
-    # -- bias ---------------------------------------------------------------------------------
-    @staticmethod
-    def _lru_get(cache, key):
-        val = cache.get(key)
-        if val is not None:
-            cache.move_to_end(key)
-        return val
-
-    def _lru_put(self, cache, key, val, pinned=()):
-        if self.cache_size <= 0:
-            return
-        cache[key] = val
-        cache.move_to_end(key)
-        keys = [k for k in cache if k not in pinned]
-        while len(keys) > self.cache_size:
-            del cache[keys.pop(0)]
-
-    def _offset_idx(self, hw, device):
-        """``|dy| * W + |dx|`` for the grid ``hw`` (cached per size: it has no parameters)."""
-        key = (hw, str(device))
-        idx = self._lru_get(self._idx_cache, key)
-        if idx is None:
-            idx = offset_index(hw)[0].to(device)
-            self._lru_put(self._idx_cache, key, idx)
-        return idx
-
-    def attention_bias(self, hw):
-        """The (heads, N, N) bias for a token grid ``hw = (H, W)``, ``N = H * W``.
-
-        ``'official'``: gather the 25x25-grid table, resize the (heads, 625, 625) result
-        bicubically to (N, N). ``'pretrained'``: resize the 7x7 offset table to (H, W), gather
-        with ``|dy| * W + |dx|`` (no resize at 7x7: exactly the classification gather).
-        """
-        hw = (int(hw[0]), int(hw[1]))
-        n = hw[0] * hw[1]
-        if self.bias_mode == 'official':
-            full = None if self.training else self._lru_get(self._bias_cache, 'seg_gathered')
-            if full is None:
-                full = self.attention_biases_seg[:, self.attention_bias_idxs_seg]
-            return F.interpolate(full.unsqueeze(0), size=(n, n), mode='bicubic',
-                                 align_corners=False)[0]
-        table = resize_bias_table(self.attention_biases, self.resolution, hw)
-        return table[:, self._offset_idx(hw, table.device)]
-
-    def _bias(self, hw):
-        """Training: computed with gradient. Eval: cached per grid size, without gradient."""
-        if self.training:
-            return self.attention_bias(hw)
-        bias = self._lru_get(self._bias_cache, hw)
-        if bias is None:
-            with torch.no_grad():
-                bias = self.attention_bias(hw)
-            self._lru_put(self._bias_cache, hw, bias, pinned=('seg_gathered',))
-        return bias
-
-    def clear_cache(self):
-        self._bias_cache.clear()
-        self._idx_cache.clear()
+        self.proj = nn.Linear(self.val_attn_dim, dim)
+        self.init_relative_position_bias(num_heads, (resolution, resolution), 1, bias_mode,
+                                         (seg_resolution, seg_resolution), cache_size)
 
     def forward(self, x, hw):
         b, n, _ = x.shape
@@ -296,33 +214,9 @@ class Attention(nn.Module):
             [self.key_dim, self.key_dim, self.val_dim], dim=3)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         attn = (q @ k.transpose(-2, -1)) * self.scale
-        attn = (attn + self._bias(tuple(hw))).softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.val_dim)
+        attn = (attn + self.attention_bias(hw, hw)).softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(b, n, self.val_attn_dim)
         return self.proj(x)
-
-    # -- cache invalidation -------------------------------------------------------------------
-    def train(self, mode=True):
-        self.clear_cache()
-        return super().train(mode)
-
-    def _apply(self, *args, **kwargs):
-        self.clear_cache()
-        return super()._apply(*args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.clear_cache()
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def switch_to_deploy(self):
-        """Pre-gather the fixed official-mode table; per-size biases are cached on first use."""
-        self.clear_cache()
-        if self.bias_mode == 'official' and not self.training:
-            with torch.no_grad():
-                self._bias_cache['seg_gathered'] = \
-                    self.attention_biases_seg[:, self.attention_bias_idxs_seg]
-
-    def extra_repr(self):
-        return f'heads={self.num_heads}, key_dim={self.key_dim}, bias_mode={self.bias_mode}'
 
 
 class Meta3D(nn.Module):
@@ -383,7 +277,8 @@ class EfficientFormer(BaseDenseBackbone):
             ``layer_scale_init``, ``mlp_ratio``, ``pool_size``.
         bias_mode (str): ``'official'`` (default, the official dense code: a new 25x25-grid
             table ``attention_biases_seg`` resized to the token count) or ``'pretrained'``
-            (the ImageNet 7x7 table resized to the runtime grid). See the module docstring.
+            (the ImageNet 7x7 table cropped / resized to the runtime grid). See the module
+            docstring.
         in_channels (int): input channels. Default 3.
         out_indices (Sequence[int]): which stages to return. Default all four.
         drop_path_rate (float): stochastic depth; official schedule, block ``k`` of the whole
@@ -423,7 +318,8 @@ class EfficientFormer(BaseDenseBackbone):
         if bias_mode not in BIAS_MODES:
             raise ValueError(f"bias_mode must be 'official' (the official dense code: "
                              f"attention_biases_seg on a 25x25 grid) or 'pretrained' (the "
-                             f'ImageNet 7x7 table resized to the input grid), got {bias_mode!r}')
+                             f'ImageNet 7x7 table cropped / resized to the input grid), '
+                             f'got {bias_mode!r}')
         self.bias_mode = bias_mode
         s = self.arch_settings
         widths, depths = list(s['widths']), list(s['depths'])
@@ -463,13 +359,6 @@ class EfficientFormer(BaseDenseBackbone):
 
     def stage_groups(self):
         return [[self.stem]] + [[self.stages[i], self.out_norms[i]] for i in range(4)]
-
-    def attention_modules(self):
-        return [m for m in self.modules() if isinstance(m, Attention)]
-
-    def after_load_pretrained(self):
-        for m in self.attention_modules():
-            m.clear_cache()
 
     def forward(self, x):
         self.check_input(x)

@@ -28,24 +28,23 @@ Attention biases, two modes (``bias_mode``):
   buffers, so distributed training never sees unused parameters).
 * ``'pretrained'``: the ImageNet tables ``attention_biases`` are the trainable biases. Each
   per-head table is an image over the (|dy|, |dx|) offset grid of the ImageNet key grid (7x7
-  for the attention blocks, 14x14 for the downsample); it is resized bicubically to the offset
-  grid of the runtime key grid (non-square too) and gathered with the (strided) offset index.
-  At 224x224 input this is exactly the classification model.
+  for the attention blocks, 14x14 for the downsample); it is brought to the runtime key grid
+  (non-square too) with the rule shared with LeViT and EfficientFormer v1
+  (:mod:`.attention_bias`): per dimension cropped where the runtime side is smaller or equal (the
+  learned values stay exact), resized bicubically where larger; then gathered with the (strided)
+  offset index. At 224x224 input this is exactly the classification model.
 """
 import math
 import re
-from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, LayoutDict
 from ..registry import MODELS
+from .attention_bias import BIAS_MODES, RelPosBiasAttention
 from .base import BaseDenseBackbone
-from .layers import drop_path_or_identity, fuse_conv_bn, offset_index, resize_bias_table
-
-BIAS_MODES = ('official', 'pretrained')
+from .layers import drop_path_or_identity, fuse_conv_bn
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,131 +124,9 @@ class Stem(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# attention biases
+# attention (biases: the shared RelPosBiasAttention)
 # --------------------------------------------------------------------------------------------
-class _BiasCache:
-    """A tiny LRU dict (bounded, so variable test sizes cannot grow memory without limit)."""
-
-    def __init__(self, size):
-        self.size = int(size)
-        self.data = OrderedDict()
-
-    def get(self, key):
-        value = self.data.get(key)
-        if value is not None:
-            self.data.move_to_end(key)
-        return value
-
-    def put(self, key, value):
-        if self.size <= 0:
-            return value
-        self.data[key] = value
-        self.data.move_to_end(key)
-        while len(self.data) > self.size:
-            self.data.popitem(last=False)
-        return value
-
-    def clear(self):
-        self.data.clear()
-
-    def __len__(self):
-        return len(self.data)
-
-
-
-def _clear_cache_hook(module, incompatible_keys):
-    module.clear_bias_cache()
-
-
-class _RelPosBias:
-    """Mixin for the attention modules: owns the bias tables and the per-size bias cache.
-
-    The tables keep the official / timm key names on the attention module itself:
-    ``attention_biases`` (ImageNet table at the 224 pretraining resolution) and, in official
-    mode, ``attention_biases_seg`` (dense table at resolution 800) with its gather index
-    ``attention_bias_idxs_seg`` (computed here, non-persistent).
-    """
-
-    def _init_bias(self, num_heads, pretrain_hw, seg_hw, q_stride, bias_mode, cache_size):
-        self.bias_mode = bias_mode
-        self.q_stride = q_stride
-        self.pretrain_hw = tuple(pretrain_hw)
-        self.seg_hw = tuple(seg_hw)
-        table = torch.zeros(num_heads, self.pretrain_hw[0] * self.pretrain_hw[1])
-        if bias_mode == 'official':
-            # ImageNet table: loaded but unused -> a persistent buffer, so that distributed
-            # training never meets a parameter without gradient.
-            self.register_buffer('attention_biases', table)
-            # the official dense code initialises the dense tables at zero
-            self.attention_biases_seg = nn.Parameter(
-                torch.zeros(num_heads, self.seg_hw[0] * self.seg_hw[1]))
-            seg_q_hw = tuple(math.ceil(s / q_stride) for s in self.seg_hw)
-            idx, _ = offset_index(seg_q_hw, self.seg_hw, q_stride)
-            self.register_buffer('attention_bias_idxs_seg', idx, persistent=False)
-        else:
-            self.attention_biases = nn.Parameter(table)
-        self._bias_cache = _BiasCache(cache_size)
-        self._idx_cache = _BiasCache(cache_size)
-        self.register_load_state_dict_post_hook(_clear_cache_hook)
-
-    def clear_bias_cache(self):
-        self._bias_cache.clear()
-        self._idx_cache.clear()
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.clear_bias_cache()
-        return self
-
-    def _bias_table(self):
-        return self.attention_biases_seg if self.bias_mode == 'official' else \
-            self.attention_biases
-
-    def _compute_bias(self, q_hw, k_hw):
-        nq, nk = q_hw[0] * q_hw[1], k_hw[0] * k_hw[1]
-        if self.bias_mode == 'official':
-            # gather at the fixed dense resolution, then resize the (Nq0, Nk0) matrix itself
-            full = self.attention_biases_seg[:, self.attention_bias_idxs_seg]
-            return F.interpolate(full.unsqueeze(0), size=(nq, nk), mode='bicubic',
-                                 align_corners=False)[0]
-        # resize the per-head offset table to the runtime offset grid, then gather
-        table = resize_bias_table(self.attention_biases, self.pretrain_hw, k_hw)
-        key = (q_hw, k_hw, table.device)
-        idx = self._idx_cache.get(key)
-        if idx is None:
-            idx, _ = offset_index(q_hw, k_hw, self.q_stride)
-            idx = self._idx_cache.put(key, idx.to(table.device))
-        return table[:, idx]
-
-    def attention_bias(self, q_hw, k_hw):
-        """The (heads, Nq, Nk) bias for a query grid ``q_hw`` and a key grid ``k_hw``.
-
-        Cached per input size while the module is in eval mode (and no gradient is needed for
-        the table); the cache is cleared by ``train()``/``eval()``, by ``load_state_dict`` and
-        by :meth:`clear_bias_cache`.
-        """
-        q_hw, k_hw = tuple(q_hw), tuple(k_hw)
-        table = self._bias_table()
-        if self.training or (torch.is_grad_enabled() and table.requires_grad):
-            return self._compute_bias(q_hw, k_hw)
-        key = (q_hw, k_hw, table.device, table.dtype)
-        bias = self._bias_cache.get(key)
-        if bias is None:
-            with torch.no_grad():
-                bias = self._bias_cache.put(key, self._compute_bias(q_hw, k_hw))
-        return bias
-
-    def switch_to_deploy(self):
-        # nothing to fold here (the projections fold themselves); biases are cached per
-        # input size from the first eval forward on
-        self.clear_bias_cache()
-
-    def _bias_repr(self):
-        return (f'bias_mode={self.bias_mode}, pretrain_hw={self.pretrain_hw}, '
-                f'seg_hw={self.seg_hw}, q_stride={self.q_stride}')
-
-
-class Attention2d(_RelPosBias, nn.Module):
+class Attention2d(RelPosBiasAttention):
     """Official ``Attention4D``: multi-head attention on an NCHW map with talking heads, a local
     depth-wise value path, and (stride 2, stage 3) a strided copy of the map that is upsampled
     back. ``resolution`` = (pretraining, dense) side of the map *before* the stride."""
@@ -257,11 +134,7 @@ class Attention2d(_RelPosBias, nn.Module):
     def __init__(self, dim, key_dim=32, num_heads=8, attn_ratio=4, stride=None,
                  resolution=(7, 25), bias_mode='official', cache_size=2):
         super().__init__()
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.scale = key_dim ** -0.5
-        self.d = int(attn_ratio * key_dim)
-        self.dh = self.d * num_heads
+        self.init_heads(num_heads, key_dim, attn_ratio)
         if stride is not None:
             self.stride_conv = ConvNorm(dim, dim, 3, stride=stride, padding=1, groups=dim)
             self.upsample = nn.Upsample(scale_factor=stride, mode='bilinear')
@@ -270,15 +143,17 @@ class Attention2d(_RelPosBias, nn.Module):
             self.stride_conv = None
             self.upsample = None
             res = tuple(resolution)
+        dh = self.val_attn_dim
         self.q = ConvNorm(dim, num_heads * key_dim)
         self.k = ConvNorm(dim, num_heads * key_dim)
-        self.v = ConvNorm(dim, self.dh)
-        self.v_local = ConvNorm(self.dh, self.dh, 3, padding=1, groups=self.dh)
+        self.v = ConvNorm(dim, dh)
+        self.v_local = ConvNorm(dh, dh, 3, padding=1, groups=dh)
         self.talking_head1 = nn.Conv2d(num_heads, num_heads, 1)
         self.talking_head2 = nn.Conv2d(num_heads, num_heads, 1)
         self.act = nn.GELU()
-        self.proj = ConvNorm(self.dh, dim)
-        self._init_bias(num_heads, (res[0], res[0]), (res[1], res[1]), 1, bias_mode, cache_size)
+        self.proj = ConvNorm(dh, dim)
+        self.init_relative_position_bias(num_heads, (res[0], res[0]), 1, bias_mode,
+                                         (res[1], res[1]), cache_size)
 
     def forward(self, x):
         b = x.shape[0]
@@ -291,18 +166,15 @@ class Attention2d(_RelPosBias, nn.Module):
         k = self.k(x).reshape(b, self.num_heads, self.key_dim, n)
         v = self.v(x)
         v_local = self.v_local(v)
-        v = v.reshape(b, self.num_heads, self.d, n).transpose(-2, -1)
+        v = v.reshape(b, self.num_heads, self.val_dim, n).transpose(-2, -1)
         attn = (q @ k) * self.scale
         attn = attn + self.attention_bias((h, w), (h, w))
         attn = self.talking_head1(attn).softmax(dim=-1)
         attn = self.talking_head2(attn)
-        x = (attn @ v).transpose(-2, -1).reshape(b, self.dh, h, w) + v_local
+        x = (attn @ v).transpose(-2, -1).reshape(b, self.val_attn_dim, h, w) + v_local
         if self.upsample is not None:
             x = self.upsample(x)
         return self.proj(self.act(x))
-
-    def extra_repr(self):
-        return self._bias_repr()
 
 
 class LocalGlobalQuery(nn.Module):
@@ -319,27 +191,24 @@ class LocalGlobalQuery(nn.Module):
         return self.proj(self.local(x) + self.pool(x))
 
 
-class Attention2dDownsample(_RelPosBias, nn.Module):
+class Attention2dDownsample(RelPosBiasAttention):
     """Official ``Attention4DDownsample``: queries on the stride-2 grid attend to the full map.
     ``resolution`` = (pretraining, dense) side of the key map."""
 
     def __init__(self, dim, out_dim, key_dim=16, num_heads=8, attn_ratio=4,
                  resolution=(14, 50), bias_mode='official', cache_size=2):
         super().__init__()
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.scale = key_dim ** -0.5
-        self.d = int(attn_ratio * key_dim)
-        self.dh = self.d * num_heads
+        self.init_heads(num_heads, key_dim, attn_ratio)
+        dh = self.val_attn_dim
         self.q = LocalGlobalQuery(dim, num_heads * key_dim)
         self.k = ConvNorm(dim, num_heads * key_dim)
-        self.v = ConvNorm(dim, self.dh)
-        self.v_local = ConvNorm(self.dh, self.dh, 3, stride=2, padding=1, groups=self.dh)
+        self.v = ConvNorm(dim, dh)
+        self.v_local = ConvNorm(dh, dh, 3, stride=2, padding=1, groups=dh)
         self.act = nn.GELU()
-        self.proj = ConvNorm(self.dh, out_dim)
+        self.proj = ConvNorm(dh, out_dim)
         # official query stride = ceil(res / ceil(res / 2)) = 2 for the even resolutions used
-        self._init_bias(num_heads, (resolution[0],) * 2, (resolution[1],) * 2, 2, bias_mode,
-                        cache_size)
+        self.init_relative_position_bias(num_heads, (resolution[0],) * 2, 2, bias_mode,
+                                         (resolution[1],) * 2, cache_size)
 
     def forward(self, x):
         b = x.shape[0]
@@ -349,15 +218,12 @@ class Attention2dDownsample(_RelPosBias, nn.Module):
         k = self.k(x).reshape(b, self.num_heads, self.key_dim, h * w)
         v = self.v(x)
         v_local = self.v_local(v)
-        v = v.reshape(b, self.num_heads, self.d, h * w).transpose(-2, -1)
+        v = v.reshape(b, self.num_heads, self.val_dim, h * w).transpose(-2, -1)
         attn = (q @ k) * self.scale
         attn = attn + self.attention_bias((qh, qw), (h, w))
         attn = attn.softmax(dim=-1)
-        x = (attn @ v).transpose(-2, -1).reshape(b, self.dh, qh, qw) + v_local
+        x = (attn @ v).transpose(-2, -1).reshape(b, self.val_attn_dim, qh, qw) + v_local
         return self.proj(self.act(x))
-
-    def extra_repr(self):
-        return self._bias_repr()
 
 
 class Downsample(nn.Module):
@@ -431,7 +297,8 @@ class EfficientFormerV2(BaseDenseBackbone):
             0 / 0 / 0.02 / 0.1 for S0 / S1 / S2 / L).
         bias_mode (str): ``'official'`` (default, = the official dense backbone: dense tables
             at resolution 800, gathered matrix resized to the input) or ``'pretrained'`` (the
-            ImageNet tables, resized as offset tables to the input grid). See the module doc.
+            ImageNet tables, cropped / resized as offset tables to the input grid). See the
+            module doc.
         bias_cache_size (int): gathered biases cached per input size in eval mode, per
             attention (LRU). 0 disables the cache. Default 2.
         frozen_stages (int): -1 none, 0 the stem, k the stem and stages 0..k-1.
@@ -491,7 +358,8 @@ class EfficientFormerV2(BaseDenseBackbone):
         if bias_mode not in BIAS_MODES:
             raise ValueError(f"bias_mode must be one of {BIAS_MODES}, got {bias_mode!r} "
                              f"('official': dense tables as the official detection / "
-                             f"segmentation backbone; 'pretrained': resized ImageNet tables)")
+                             f"segmentation backbone; 'pretrained': cropped / resized ImageNet "
+                             f"tables)")
         if not isinstance(bias_cache_size, int) or bias_cache_size < 0:
             raise ValueError(f'bias_cache_size must be an int >= 0, got {bias_cache_size!r}')
         self.bias_mode = bias_mode
@@ -540,18 +408,6 @@ class EfficientFormerV2(BaseDenseBackbone):
 
     def stage_groups(self):
         return [[self.stem]] + [[stage] for stage in self.stages]
-
-    def attention_modules(self):
-        """Every module holding an attention bias table (in network order)."""
-        return [m for m in self.modules() if isinstance(m, _RelPosBias)]
-
-    def clear_bias_cache(self):
-        for m in self.attention_modules():
-            m.clear_bias_cache()
-
-    def after_load_pretrained(self):
-        """Called by the loader after loading: cached biases are stale."""
-        self.clear_bias_cache()
 
     def forward(self, x):
         self.check_input(x)

@@ -1,14 +1,11 @@
 """Building blocks shared by every family: drop-path, layer scale, conv/linear + BN pairs,
-BN folding for deploy, and relative-position attention-bias tables.
+BN folding for deploy.
 
 Everything that more than one family needs lives here once; a family file only composes them.
+(The relative-position attention biases live in :mod:`.attention_bias`.)
 """
-import itertools
-import math
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
@@ -169,47 +166,10 @@ class LinearBN(nn.Sequential):
         self.bn = nn.Identity()
 
 
-# --------------------------------------------------------------------------------------------
-# Relative-position attention biases
-# --------------------------------------------------------------------------------------------
-def offset_index(q_hw, k_hw=None, q_stride=1):
-    """Index of ``(|dy|, |dx|)`` offsets between query and key grid positions.
-
-    Returns ``(idx, table_hw)``: ``idx`` is ``(Nq, Nk)`` long, the flattened offset
-    ``|dy| * table_w + |dx|`` on a table of shape ``table_hw`` = key grid. Query ``i`` sits at
-    key-grid position ``q_stride * i`` (LeViT / EfficientFormerV2 subsampled attention).
-    """
-    k_hw = k_hw or q_hw
-    qh, qw = q_hw
-    kh, kw = k_hw
-    qy, qx = torch.meshgrid(torch.arange(qh) * q_stride, torch.arange(qw) * q_stride,
-                            indexing='ij')
-    ky, kx = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing='ij')
-    dy = (qy.reshape(-1, 1) - ky.reshape(1, -1)).abs()
-    dx = (qx.reshape(-1, 1) - kx.reshape(1, -1)).abs()
-    return dy * kw + dx, (kh, kw)
-
-
-def resize_bias_table(table, src_hw, dst_hw, mode='bicubic'):
-    """Resize a per-head ``(heads, Hs*Ws)`` offset table to ``(heads, Hd*Wd)``.
-
-    The table is a function of the absolute offset (|dy|, |dx|), so it is interpolated as an
-    image over the offset grid; ``align_corners=False`` like timm / mmpretrain. Same size is a
-    no-op (bit-exact).
-    """
-    src_hw, dst_hw = tuple(src_hw), tuple(dst_hw)
-    if src_hw == dst_hw:
-        return table
-    heads = table.shape[0]
-    grid = table.reshape(1, heads, *src_hw)
-    grid = F.interpolate(grid.float(), size=dst_hw, mode=mode, align_corners=False)
-    return grid.reshape(heads, -1).to(table.dtype)
-
-
 def pair(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
 
 
 __all__ = ['DropPath', 'drop_path_or_identity', 'stochastic_depth_schedule', 'LayerScale',
            'fuse_conv_bn', 'fuse_bn_conv1x1', 'fuse_linear_bn', 'fuse_bn_linear', 'ConvBN',
-           'LinearBN', 'offset_index', 'resize_bias_table', 'pair']
+           'LinearBN', 'pair']

@@ -20,11 +20,12 @@ for the runtime grid. The learned table of a block holds one value per head and 
 ``(|dy|, |dx|)`` on the R x R grid it was trained on (R = 14 / 7 / 4 at 224; the shrink
 attentions use the key grid, 14 / 7). For a runtime key grid H x W the table must cover
 ``|dy| < H, |dx| < W``; per dimension it is **bicubically resized** (as an image over the offset
-grid, ``layers.resize_bias_table``, align_corners=False) where the runtime side is larger than R
-and **cropped** (the learned values, untouched) where it is smaller or equal. At 224 nothing is
-resized and the maps equal the official model's. The bias of query ``q`` and key ``k`` is
-``table[|dy| * W + |dx|]`` (``layers.offset_index``; shrink-attention queries sit on every second
-key position, query grid ``ceil(H/2) x ceil(W/2)`` as the official ``[::2, ::2]`` slicing).
+grid, align_corners=False) where the runtime side is larger than R and **cropped** (the learned
+values, untouched) where it is smaller or equal -- the rule of :mod:`.attention_bias`, shared with
+EfficientFormer v1 / V2 ``bias_mode='pretrained'``. At 224 nothing is resized and the maps equal
+the official model's. The bias of query ``q`` and key ``k`` is ``table[|dy| * W + |dx|]``
+(gathered per axis; shrink-attention queries sit on every second key position, query grid
+``ceil(H/2) x ceil(W/2)`` as the official ``[::2, ::2]`` slicing).
 """
 import re
 from collections import OrderedDict
@@ -36,8 +37,9 @@ import torch.utils.checkpoint as cp
 
 from ..checkpoint import LayoutDict
 from ..registry import MODELS
+from .attention_bias import RelPosBiasAttention, axis_offsets, gather_offset_bias
 from .base import BaseDenseBackbone
-from .layers import ConvBN, LinearBN, offset_index, resize_bias_table
+from .layers import ConvBN, LinearBN
 
 ATTN_IMPLS = ('chunked', 'sdpa', 'naive')
 
@@ -54,36 +56,9 @@ def residual_drop(x, y, drop, training):
     return x + y
 
 
-def bias_table_for_grid(table, table_hw, grid_hw):
-    """``(heads, Ht*Wt)`` learned table -> ``(heads, H, W)`` table covering a ``H x W`` grid.
-
-    Per dimension: bicubic resize where ``grid > table`` side, crop where ``grid <= table``.
-    Implemented as one resize to ``(max(H, Ht), max(W, Wt))`` (a side that keeps its size is
-    sampled at the original positions, i.e. unchanged) followed by the crop.
-    """
-    th, tw = table_hw
-    h, w = grid_hw
-    big = (max(h, th), max(w, tw))
-    full = resize_bias_table(table, (th, tw), big)
-    return full.reshape(table.shape[0], *big)[:, :h, :w]
-
-
-def gather_bias(table_hw_grid, q_hw, k_hw, q_stride=1):
-    """Gather a ``(heads, H, W)`` offset table into the ``(heads, Nq, Nk)`` attention bias.
-
-    Equal to ``table.flatten(1)[:, offset_index(q_hw, k_hw, q_stride)[0]]``, but indexed per axis
-    (|dy| and |dx| tables of ``(qh, kh)`` / ``(qw, kw)``) so no ``Nq x Nk`` int64 index is built.
-    """
-    heads = table_hw_grid.shape[0]
-    dy = offset_index((q_hw[0], 1), (k_hw[0], 1), q_stride)[0].to(table_hw_grid.device)
-    dx = offset_index((1, q_hw[1]), (1, k_hw[1]), q_stride)[0].to(table_hw_grid.device)
-    bias = table_hw_grid[:, dy[:, None, :, None], dx[None, :, None, :]]   # (h, qh, qw, kh, kw)
-    return bias.reshape(heads, q_hw[0] * q_hw[1], k_hw[0] * k_hw[1])
-
-
-class _BiasAttention(nn.Module):
-    """Shared bias handling: learned ``attention_biases`` (heads, R*R), runtime gather, cache,
-    and the three attention implementations (see :class:`LeViT` ``attn_impl``)."""
+class _BiasAttention(RelPosBiasAttention):
+    """LeViT's attention base: the shared bias (pretrained-table rule, one cached size) and the
+    three attention implementations (see :class:`LeViT` ``attn_impl``)."""
 
     #: ``'chunked'``: elements of one query chunk's ``(B, heads, rows*W, Nk)`` score tensor
     chunk_elems = 2 ** 24
@@ -92,48 +67,15 @@ class _BiasAttention(nn.Module):
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
         self.attn_impl = attn_impl
-        self.table_hw = tuple(table_hw)
-        self.q_stride = q_stride
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_hw[0] * table_hw[1]))
-        self._cache = {}
-
-    def clear_bias_cache(self):
-        self._cache = {}
-
-    def train(self, mode=True):
-        super().train(mode)
-        if mode:
-            self.clear_bias_cache()
-        return self
-
-    def _cached(self, what, key, make):
-        """Eval-mode cache holding one entry per kind (the latest input size)."""
-        table = self.attention_biases
-        if self.training or (torch.is_grad_enabled() and table.requires_grad):
-            return make()
-        key = (what, key, table.device, table.dtype, table._version)
-        hit = self._cache.get(what)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = make().detach()
-        self._cache[what] = (key, value)
-        return value
-
-    def get_table(self, k_hw):
-        """``(heads, H, W)`` offset table for a runtime key grid (resized / cropped)."""
-        return self._cached('table', tuple(k_hw), lambda: bias_table_for_grid(
-            self.attention_biases, self.table_hw, k_hw))
-
-    def get_bias(self, q_hw, k_hw, dtype):
-        """``(heads, Nq, Nk)`` bias for the runtime grids (cached for one size in eval)."""
-        return self._cached('bias', (tuple(q_hw), tuple(k_hw), dtype), lambda: gather_bias(
-            self.get_table(k_hw), q_hw, k_hw, self.q_stride).to(dtype))
+        # eval cache: the latest input size only (detection sizes change per image)
+        self.init_relative_position_bias(num_heads, table_hw, q_stride, 'pretrained',
+                                         cache_size=1)
 
     def attend(self, q, k, v, q_hw, k_hw):
         """``softmax(q k^T * key_dim**-0.5 + bias) v`` for (B, heads, N, d) tensors."""
         if self.attn_impl == 'chunked':
             return self._attend_chunked(q, k, v, q_hw, k_hw)
-        bias = self.get_bias(q_hw, k_hw, q.dtype)
+        bias = self.attention_bias(q_hw, k_hw, q.dtype)
         if self.attn_impl == 'sdpa':
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         attn = (q @ k.transpose(-2, -1)) * self.scale + bias
@@ -141,16 +83,14 @@ class _BiasAttention(nn.Module):
 
     def _attend_rows(self, q, k, v, table, dy, dx):
         """SDPA for the queries of some grid rows; their bias gathered from the (h, H, W) table."""
-        bias = table[:, dy[:, None, :, None], dx[None, :, None, :]]
-        bias = bias.reshape(table.shape[0], q.shape[2], k.shape[2]).to(q.dtype)
+        bias = gather_offset_bias(table, dy, dx).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
 
     def _attend_chunked(self, q, k, v, q_hw, k_hw):
         """Queries in chunks of whole grid rows, each chunk checkpointed while training, so
         neither an ``Nq x Nk`` score/softmax tensor nor the full bias is ever kept."""
-        table = self.get_table(k_hw)
-        dy = offset_index((q_hw[0], 1), (k_hw[0], 1), self.q_stride)[0].to(q.device)
-        dx = offset_index((1, q_hw[1]), (1, k_hw[1]), self.q_stride)[0].to(q.device)
+        table = self.table_for_grid(k_hw)
+        dy, dx = axis_offsets(q_hw, k_hw, self.q_stride, q.device)
         b, h, _, _ = q.shape
         per_row = b * h * q_hw[1] * k.shape[2]
         rows = max(1, self.chunk_elems // per_row)
@@ -175,11 +115,7 @@ class Attention(_BiasAttention):
 
     def __init__(self, dim, key_dim, num_heads, attn_ratio, table_hw, attn_impl='chunked'):
         super().__init__()
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.scale = key_dim ** -0.5
-        self.val_dim = int(attn_ratio * key_dim)
-        self.val_attn_dim = self.val_dim * num_heads
+        self.init_heads(num_heads, key_dim, attn_ratio)
         self.qkv = LinearBN(dim, self.val_attn_dim + 2 * key_dim * num_heads)
         self.proj = nn.Sequential(OrderedDict([
             ('act', nn.Hardswish()),
@@ -215,11 +151,7 @@ class AttentionSubsample(_BiasAttention):
     def __init__(self, in_dim, out_dim, key_dim, num_heads, attn_ratio, table_hw, stride=2,
                  attn_impl='chunked'):
         super().__init__()
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.scale = key_dim ** -0.5
-        self.val_dim = int(attn_ratio * key_dim)
-        self.val_attn_dim = self.val_dim * num_heads
+        self.init_heads(num_heads, key_dim, attn_ratio)
         self.stride = stride
         self.kv = LinearBN(in_dim, self.val_attn_dim + key_dim * num_heads)
         self.q = _SubsampledQuery(in_dim, key_dim * num_heads, stride)
@@ -404,22 +336,6 @@ class LeViT(BaseDenseBackbone):
         return [[st.conv1], [st.conv2], [st.conv3], [st.conv4, self.stages[0]],
                 [self.stages[1]], [self.stages[2]]]
 
-    def bias_modules(self):
-        return [m for m in self.modules() if isinstance(m, _BiasAttention)]
-
-    def clear_bias_cache(self):
-        for m in self.bias_modules():
-            m.clear_bias_cache()
-
-    def after_load_pretrained(self):
-        """Called by the loader: cached biases were gathered from the old tables."""
-        self.clear_bias_cache()
-
-    def _apply(self, fn, *args, **kwargs):
-        # .to(device / dtype) makes new tables: drop caches made from the old ones
-        self.clear_bias_cache()
-        return super()._apply(fn, *args, **kwargs)
-
     def forward(self, x):
         self.check_input(x)
         last = self.out_indices[-1]
@@ -527,4 +443,4 @@ class LeViT(BaseDenseBackbone):
         return out
 
 
-__all__ = ['LeViT', 'Attention', 'AttentionSubsample', 'bias_table_for_grid', 'gather_bias']
+__all__ = ['LeViT', 'Attention', 'AttentionSubsample']

@@ -1,0 +1,312 @@
+"""Learned relative-position attention biases, shared by EfficientFormer v1, EfficientFormerV2 and
+LeViT.
+
+All three families learn, per head, one bias value per absolute offset ``(|dy|, |dx|)`` between a
+query and a key position of the token grid they were trained on (an ``R_h x R_w`` table). At
+detection / segmentation sizes the grid is another one, so the table has to be adapted. Two rules
+exist, and both live here once:
+
+``'pretrained'`` (LeViT; EfficientFormer v1 / V2 ``bias_mode='pretrained'``)
+    The learned table ``attention_biases`` is brought to the runtime key grid ``H x W`` *per
+    dimension* (:func:`table_for_grid`): **cropped** where the runtime side is smaller than or
+    equal to the table's (offsets that exist in the pretrained grid keep their learned values
+    exactly) and **resized bicubically** where it is larger (an image over the offset grid,
+    ``align_corners=False``, like timm / mmpretrain position-table resizing). The bias of query
+    ``q`` and key ``k`` is then ``table[|dy|, |dx|]``, i.e. ``flat_table[|dy| * W + |dx|]``
+    (:func:`offset_index`), with queries on every ``q_stride``-th key position (subsampled
+    attention). It is gathered per axis (:func:`gather_offset_bias`), so no ``Nq x Nk`` int64
+    index is ever built (141 MiB for one 4,200-token grid). At the pretraining grid nothing is
+    cropped or resized: the bias is bit-for-bit the classification model's gather.
+
+``'official'`` (the official EfficientFormer v1 / V2 dense code)
+    A separate table ``attention_biases_seg`` over the offsets of a fixed dense grid (25 x 25, or
+    50 x 50 for the V2 downsample) is gathered into the ``(heads, Nq0, Nk0)`` matrix of that grid
+    (:meth:`RelPosBiasAttention.dense_bias_matrix`), and that *matrix* is resized bicubically to
+    the runtime ``(Nq, Nk)`` (:func:`resize_dense_bias`), as the official code does (it resizes the
+    flattened token axes, not a 2-D grid). The ImageNet table ``attention_biases`` is kept as a
+    persistent, non-trainable buffer: loaded and saved, never used, and never a parameter without
+    gradient under DDP.
+
+Cache: in eval mode the bias of each input size is kept in a bounded LRU (:class:`BiasCache`), so
+variable test sizes cannot grow memory without limit. It is used only when no gradient can be
+wanted for the table (eval mode, and grad disabled or the table frozen); otherwise the bias is
+computed live so gradients reach the table. An entry is served only while the table keeps the
+device, dtype and version (in-place edits) it was computed from, and the cache is emptied by
+``train()`` / ``eval()``, by loading a state dict and by moving the module (``.to()``, ``.half()``).
+"""
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BIAS_MODES = ('official', 'pretrained')
+
+
+# --------------------------------------------------------------------------------------------
+# offset grids, tables and gathers (pure functions)
+# --------------------------------------------------------------------------------------------
+def offset_index(q_hw, k_hw=None, q_stride=1):
+    """Flat index of the ``(|dy|, |dx|)`` offsets between query and key grid positions.
+
+    Returns ``(idx, table_hw)``: ``idx`` is ``(Nq, Nk)`` long, ``|dy| * table_w + |dx|`` on a table
+    of shape ``table_hw`` = the key grid. Query ``i`` sits at key-grid position ``q_stride * i``.
+    This is the official index order (tested against every released index buffer); the models
+    gather per axis instead (:func:`gather_offset_bias`), this full index is the reference.
+    """
+    k_hw = k_hw or q_hw
+    dy, dx = axis_offsets(q_hw, k_hw, q_stride)
+    kh, kw = k_hw
+    idx = dy[:, None, :, None] * kw + dx[None, :, None, :]
+    return idx.reshape(q_hw[0] * q_hw[1], kh * kw), (kh, kw)
+
+
+def axis_offsets(q_hw, k_hw, q_stride=1, device=None):
+    """``|dy|`` of shape ``(qh, kh)`` and ``|dx|`` of shape ``(qw, kw)`` (long), query ``i`` at key
+    position ``q_stride * i``: the two small tables a per-axis gather needs."""
+    dy = (torch.arange(q_hw[0], device=device)[:, None] * q_stride
+          - torch.arange(k_hw[0], device=device)[None, :]).abs()
+    dx = (torch.arange(q_hw[1], device=device)[:, None] * q_stride
+          - torch.arange(k_hw[1], device=device)[None, :]).abs()
+    return dy, dx
+
+
+def gather_offset_bias(grid_table, dy, dx):
+    """``(heads, H, W)`` offset table -> ``(heads, qh * qw, kh * kw)`` attention bias.
+
+    Equal to ``grid_table.flatten(1)[:, offset_index(...)[0]]`` but indexed per axis with the
+    :func:`axis_offsets` tables, so no ``Nq x Nk`` index tensor exists. ``dy`` may hold a subset of
+    the query rows (chunked attention).
+    """
+    bias = grid_table[:, dy[:, None, :, None], dx[None, :, None, :]]   # (h, qh, qw, kh, kw)
+    return bias.reshape(grid_table.shape[0], dy.shape[0] * dx.shape[0],
+                        dy.shape[1] * dx.shape[1])
+
+
+def resize_bias_table(table, src_hw, dst_hw, mode='bicubic'):
+    """Resize a per-head ``(heads, Hs*Ws)`` offset table to ``(heads, Hd*Wd)``.
+
+    The table is a function of the absolute offset (|dy|, |dx|), so it is interpolated as an image
+    over the offset grid; ``align_corners=False`` like timm / mmpretrain. Same size is a no-op
+    (the very same tensor).
+    """
+    src_hw, dst_hw = tuple(src_hw), tuple(dst_hw)
+    if src_hw == dst_hw:
+        return table
+    heads = table.shape[0]
+    grid = table.reshape(1, heads, *src_hw)
+    grid = F.interpolate(grid.float(), size=dst_hw, mode=mode, align_corners=False)
+    return grid.reshape(heads, -1).to(table.dtype)
+
+
+def table_for_grid(table, table_hw, grid_hw):
+    """``(heads, Ht*Wt)`` learned table -> ``(heads, H, W)`` table covering an ``H x W`` key grid.
+
+    Per dimension: crop where ``H <= Ht`` (resp. ``W <= Wt``), bicubic resize where larger.
+    Implemented as one resize to ``(max(H, Ht), max(W, Wt))`` -- a side that keeps its size is
+    sampled at its own positions (bicubic weights ``(0, 1, 0, 0)``), i.e. unchanged -- then the
+    crop.
+    """
+    th, tw = table_hw
+    h, w = grid_hw
+    big = (max(h, th), max(w, tw))
+    full = resize_bias_table(table, (th, tw), big)
+    return full.reshape(table.shape[0], *big)[:, :h, :w]
+
+
+def resize_dense_bias(gathered, q_len, k_len):
+    """The official dense rule: bicubic resize of a gathered ``(heads, Nq0, Nk0)`` bias matrix to
+    ``(heads, q_len, k_len)`` (``align_corners=False``)."""
+    return F.interpolate(gathered.unsqueeze(0), size=(q_len, k_len), mode='bicubic',
+                         align_corners=False)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# cache
+# --------------------------------------------------------------------------------------------
+def _table_stamp(table):
+    """What a cached bias depends on besides the input size: device, dtype and the version counter
+    (bumped by every in-place edit, ``load_state_dict`` and optimiser steps included)."""
+    try:
+        version = table._version
+    except RuntimeError:        # inference-mode tensors track no version
+        version = None
+    return table.device, table.dtype, version
+
+
+class BiasCache:
+    """A bounded LRU of computed biases; ``size <= 0`` disables it.
+
+    Every entry remembers the stamp of the table it was computed from (:func:`_table_stamp`) and is
+    only served while the table still has it.
+    """
+
+    def __init__(self, size):
+        self.size = int(size)
+        self._data = OrderedDict()
+
+    def lookup(self, key, stamp):
+        hit = self._data.get(key)
+        if hit is None or hit[0] != stamp:
+            return None
+        self._data.move_to_end(key)
+        return hit[1]
+
+    def store(self, key, stamp, value):
+        if self.size <= 0:
+            return value
+        self._data[key] = (stamp, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+        return value
+
+    def clear(self):
+        self._data.clear()
+
+    def keys(self):
+        """Keys from least to most recently used."""
+        return list(self._data)
+
+    def __getitem__(self, key):
+        return self._data[key][1]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self._data)
+
+
+# --------------------------------------------------------------------------------------------
+# the attention base class
+# --------------------------------------------------------------------------------------------
+class RelPosBiasAttention(nn.Module):
+    """Base of every attention module with a learned relative-position bias.
+
+    A subclass calls :meth:`init_heads` and :meth:`init_relative_position_bias` in its
+    ``__init__`` and adds :meth:`attention_bias` to its logits. The tables keep the official /
+    timm key names on the attention module itself: ``attention_biases`` (the pretraining table)
+    and, in official mode, ``attention_biases_seg`` (the fixed dense table). See the module
+    docstring for both rules and the cache.
+    """
+
+    def init_heads(self, num_heads, key_dim, attn_ratio):
+        """Head layout: ``key_dim`` for queries / keys, ``attn_ratio * key_dim`` for values."""
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.scale = key_dim ** -0.5
+        self.val_dim = int(attn_ratio * key_dim)
+        self.val_attn_dim = self.val_dim * num_heads
+
+    def init_relative_position_bias(self, num_heads, table_hw, q_stride=1, bias_mode='pretrained',
+                                    dense_hw=None, cache_size=2):
+        """Create the tables and the caches.
+
+        Args:
+            table_hw: key grid of the pretraining resolution (shape of ``attention_biases``).
+            q_stride: queries sit on every ``q_stride``-th key position (subsampled attention).
+            bias_mode: ``'pretrained'`` or ``'official'`` (then ``dense_hw`` = key grid of the
+                fixed dense table ``attention_biases_seg``).
+            cache_size: sizes whose bias is kept in eval mode (LRU; 0: no cache).
+        """
+        if bias_mode not in BIAS_MODES:
+            raise ValueError(f'bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}')
+        self.bias_mode = bias_mode
+        self.table_hw = tuple(table_hw)
+        self.q_stride = int(q_stride)
+        table = torch.zeros(num_heads, self.table_hw[0] * self.table_hw[1])
+        if bias_mode == 'official':
+            self.dense_hw = tuple(dense_hw)
+            # ImageNet table: loaded and saved but unused -> a persistent buffer, so distributed
+            # training never meets a parameter without gradient
+            self.register_buffer('attention_biases', table)
+            # the official dense code initialises the dense table at zero
+            self.attention_biases_seg = nn.Parameter(
+                torch.zeros(num_heads, self.dense_hw[0] * self.dense_hw[1]))
+        else:
+            self.dense_hw = None
+            self.attention_biases = nn.Parameter(table)
+        self._bias_cache = BiasCache(cache_size)     # (q_hw, k_hw, dtype) -> (heads, Nq, Nk)
+        self._table_cache = BiasCache(cache_size)    # k_hw -> (heads, H, W), pretrained mode
+
+    # -- biases -----------------------------------------------------------------------------
+    def bias_table(self):
+        """The table this mode learns (``attention_biases_seg`` or ``attention_biases``)."""
+        return self.attention_biases_seg if self.bias_mode == 'official' else \
+            self.attention_biases
+
+    def _cached(self, cache, key, make):
+        """``make()``, served from ``cache`` when no gradient can be wanted for the table."""
+        table = self.bias_table()
+        if self.training or (torch.is_grad_enabled() and table.requires_grad):
+            return make()
+        stamp = _table_stamp(table)
+        value = cache.lookup(key, stamp)
+        if value is None:
+            with torch.no_grad():
+                value = cache.store(key, stamp, make())
+        return value
+
+    def dense_bias_matrix(self):
+        """Official mode: the ``(heads, Nq0, Nk0)`` gather of ``attention_biases_seg`` on its
+        fixed dense grid (queries at ``q_stride``, query grid ``ceil(side / q_stride)``)."""
+        q_hw = tuple(math.ceil(s / self.q_stride) for s in self.dense_hw)
+        table = self.attention_biases_seg
+        dy, dx = axis_offsets(q_hw, self.dense_hw, self.q_stride, table.device)
+        return gather_offset_bias(table.reshape(table.shape[0], *self.dense_hw), dy, dx)
+
+    def table_for_grid(self, k_hw):
+        """Pretrained mode: the ``(heads, H, W)`` offset table for a runtime key grid (cropped /
+        resized per dimension; cached in eval like the biases)."""
+        k_hw = (int(k_hw[0]), int(k_hw[1]))
+        return self._cached(self._table_cache, k_hw, lambda: table_for_grid(
+            self.attention_biases, self.table_hw, k_hw))
+
+    def attention_bias(self, q_hw, k_hw, dtype=None):
+        """The ``(heads, Nq, Nk)`` bias for a query grid ``q_hw`` and a key grid ``k_hw`` (in
+        ``dtype`` if given, else the table's)."""
+        q_hw = (int(q_hw[0]), int(q_hw[1]))
+        k_hw = (int(k_hw[0]), int(k_hw[1]))
+        return self._cached(self._bias_cache, (q_hw, k_hw, dtype),
+                            lambda: self._compute_bias(q_hw, k_hw, dtype))
+
+    def _compute_bias(self, q_hw, k_hw, dtype=None):
+        if self.bias_mode == 'official':
+            bias = resize_dense_bias(self.dense_bias_matrix(), q_hw[0] * q_hw[1],
+                                     k_hw[0] * k_hw[1])
+        else:
+            table = self.table_for_grid(k_hw)
+            dy, dx = axis_offsets(q_hw, k_hw, self.q_stride, table.device)
+            bias = gather_offset_bias(table, dy, dx)
+        return bias if dtype is None else bias.to(dtype)
+
+    # -- cache invalidation -----------------------------------------------------------------
+    def clear_bias_cache(self):
+        self._bias_cache.clear()
+        self._table_cache.clear()
+
+    def train(self, mode=True):
+        self.clear_bias_cache()
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        self.clear_bias_cache()
+        return super()._apply(*args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.clear_bias_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self):
+        s = (f'heads={self.num_heads}, key_dim={self.key_dim}, bias_mode={self.bias_mode}, '
+             f'table_hw={self.table_hw}')
+        if self.dense_hw is not None:
+            s += f', dense_hw={self.dense_hw}'
+        return s + (f', q_stride={self.q_stride}' if self.q_stride != 1 else '')
+
+
+__all__ = ['BIAS_MODES', 'offset_index', 'axis_offsets', 'gather_offset_bias',
+           'resize_bias_table', 'table_for_grid', 'resize_dense_bias', 'BiasCache',
+           'RelPosBiasAttention']
