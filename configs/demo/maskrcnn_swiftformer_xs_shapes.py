@@ -44,12 +44,12 @@ test_pipeline = [
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
 train_dataloader = dict(
-    batch_size=4, num_workers=2, persistent_workers=False,
+    batch_size=4, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, metainfo=metainfo,
                  ann_file='annotations/instances_train.json', data_prefix=dict(img='train/'),
                  filter_cfg=dict(filter_empty_gt=True, min_size=4), pipeline=train_pipeline))
 val_dataloader = dict(
-    batch_size=4, num_workers=2, persistent_workers=False,
+    batch_size=4, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, metainfo=metainfo,
                  ann_file='annotations/instances_val.json', data_prefix=dict(img='val/'),
                  test_mode=True, pipeline=test_pipeline))

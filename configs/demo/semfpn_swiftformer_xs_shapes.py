@@ -32,11 +32,11 @@ test_pipeline = [
 dataset = dict(type='BaseSegDataset', data_root=data_root, metainfo=metainfo,
                img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=False)
 train_dataloader = dict(
-    batch_size=4, num_workers=2, persistent_workers=False,
+    batch_size=4, num_workers=0, persistent_workers=False,
     dataset=dict(_delete_=True, **dataset, pipeline=train_pipeline,
                  data_prefix=dict(img_path='img_dir/train', seg_map_path='ann_dir/train')))
 val_dataloader = dict(
-    batch_size=1, num_workers=2, persistent_workers=False,
+    batch_size=1, num_workers=0, persistent_workers=False,
     dataset=dict(_delete_=True, **dataset, pipeline=test_pipeline,
                  data_prefix=dict(img_path='img_dir/val', seg_map_path='ann_dir/val')))
 test_dataloader = val_dataloader
