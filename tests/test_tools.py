@@ -117,6 +117,11 @@ def test_distributed_two_cpu_processes(shapes, tmp_path):
     assert osp.isfile(osp.join(wd, 'iter_3.pth')), out[-3000:]
     assert 'Distributed training: True' in out, out[-3000:]
     assert "type='MMDistributedDataParallel'" in out and 'device_ids=None' in out
+    # evaluation split over the two processes, results gathered on rank 0
+    proc = run(['bash', 'tools/dist_test.sh', SEG, osp.join(wd, 'iter_3.pth'), '2',
+                '--work-dir', wd] + seg_opts(shapes, 3), env={'PORT': '29518', 'PYTHON': PY})
+    out = proc.stdout + proc.stderr
+    assert 'Distributed training: True' in out and re.search(r'mIoU: [\d.]+', out), out[-3000:]
 
 
 def test_missing_dataset_says_where_and_how(tmp_path):
