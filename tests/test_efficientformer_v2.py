@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from effbackbones import CheckpointError
 from effbackbones.checkpoint import load_pretrained
 from effbackbones.models.attention_bias import offset_index
-from effbackbones.models.efficientformer_v2 import EfficientFormerV2, LayerScale2d
+from effbackbones.models.efficientformer_v2 import EfficientFormerV2
+from effbackbones.models.layers import LayerScale2d
 
 from conftest import load_pack, make_weights, zero_state_dict
 

@@ -31,34 +31,14 @@ it is larger, then gathered with ``|dy| * W + |dx|``. At the pretraining grid (2
 nothing changes and the features are exactly those of the classification model. No ``_seg`` table
 exists in this mode.
 """
-import torch
 import torch.nn as nn
 
 from ..checkpoint import LayoutDict, rename_keys
 from ..registry import MODELS
 from .attention_bias import BIAS_MODES, RelPosBiasAttention
 from .base import BaseDenseBackbone
-from .layers import LayerScale, drop_path_or_identity, fuse_conv_bn
-
-
-@torch.no_grad()
-def _scale_output_channels(layer, gamma):
-    """``gamma * layer(x)`` -> ``layer'(x)`` for a conv / linear ``layer`` (per out channel)."""
-    g = gamma.reshape(-1)
-    layer.weight.mul_(g.reshape(-1, *([1] * (layer.weight.dim() - 1))))
-    if layer.bias is not None:
-        layer.bias.mul_(g)
-
-
-class LayerScale2d(nn.Module):
-    """Per-channel scale of an NCHW map; ``gamma`` has shape ``(C,)`` as in timm."""
-
-    def __init__(self, dim, init_value=1e-5):
-        super().__init__()
-        self.gamma = nn.Parameter(init_value * torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma.reshape(1, -1, 1, 1)
+from .layers import (ConvBN, LayerScale, LayerScale2d, drop_path_or_identity, fold_bn_,
+                     fold_layer_scale_, stochastic_depth_schedule)
 
 
 class Stem(nn.Module):
@@ -78,29 +58,13 @@ class Stem(nn.Module):
         return self.act2(self.norm2(self.conv2(x)))
 
     def switch_to_deploy(self):
-        if isinstance(self.norm1, nn.BatchNorm2d):
-            self.conv1 = fuse_conv_bn(self.conv1, self.norm1)
-            self.norm1 = nn.Identity()
-        if isinstance(self.norm2, nn.BatchNorm2d):
-            self.conv2 = fuse_conv_bn(self.conv2, self.norm2)
-            self.norm2 = nn.Identity()
+        fold_bn_(self, 'conv1', 'norm1')
+        fold_bn_(self, 'conv2', 'norm2')
 
 
-class Downsample(nn.Module):
-    """Conv3x3/2 + BN between stages (official ``Embedding``)."""
-
-    def __init__(self, in_dim, out_dim):
-        super().__init__()
-        self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
-        self.norm = nn.BatchNorm2d(out_dim)
-
-    def forward(self, x):
-        return self.norm(self.conv(x))
-
-    def switch_to_deploy(self):
-        if isinstance(self.norm, nn.BatchNorm2d):
-            self.conv = fuse_conv_bn(self.conv, self.norm)
-            self.norm = nn.Identity()
+def downsample_conv_bn(in_dim, out_dim):
+    """Conv3x3/2 + BN between stages (official ``Embedding``; timm names ``conv`` / ``norm``)."""
+    return ConvBN(in_dim, out_dim, 3, 2, 1, bias=True, names=('conv', 'norm'))
 
 
 class Pooling(nn.Module):
@@ -132,12 +96,8 @@ class ConvMlpBN(nn.Module):
         return self.drop(self.norm2(self.fc2(x)))
 
     def switch_to_deploy(self):
-        if isinstance(self.norm1, nn.BatchNorm2d):
-            self.fc1 = fuse_conv_bn(self.fc1, self.norm1)
-            self.norm1 = nn.Identity()
-        if isinstance(self.norm2, nn.BatchNorm2d):
-            self.fc2 = fuse_conv_bn(self.fc2, self.norm2)
-            self.norm2 = nn.Identity()
+        fold_bn_(self, 'fc1', 'norm1')
+        fold_bn_(self, 'fc2', 'norm2')
 
 
 class TokenMlp(nn.Module):
@@ -172,11 +132,8 @@ class Meta4D(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(x)))
 
     def switch_to_deploy(self):
-        if isinstance(self.ls2, nn.Identity):
-            return
-        self.mlp.switch_to_deploy()
-        _scale_output_channels(self.mlp.fc2, self.ls2.gamma)
-        self.ls2 = nn.Identity()
+        self.mlp.switch_to_deploy()      # the BN after fc2 first, then the scale
+        fold_layer_scale_(self, 'ls2', self.mlp.fc2)
 
 
 class Flat(nn.Module):
@@ -238,12 +195,8 @@ class Meta3D(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
     def switch_to_deploy(self):
-        if isinstance(self.ls1, nn.Identity):
-            return
-        _scale_output_channels(self.token_mixer.proj, self.ls1.gamma)
-        _scale_output_channels(self.mlp.fc2, self.ls2.gamma)
-        self.ls1 = nn.Identity()
-        self.ls2 = nn.Identity()
+        fold_layer_scale_(self, 'ls1', self.token_mixer.proj)
+        fold_layer_scale_(self, 'ls2', self.mlp.fc2)
 
 
 class EfficientFormerStage(nn.Module):
@@ -251,7 +204,7 @@ class EfficientFormerStage(nn.Module):
     def __init__(self, in_dim, dim, depth, drop_path_rates, downsample, num_vit=0,
                  mlp_ratio=4.0, pool_size=3, layer_scale_init=1e-5, attn_kwargs=None):
         super().__init__()
-        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.downsample = downsample_conv_bn(in_dim, dim) if downsample else nn.Identity()
         blocks = []
         if num_vit and num_vit >= depth:
             blocks.append(Flat())
@@ -333,14 +286,11 @@ class EfficientFormer(BaseDenseBackbone):
 
         attn_kwargs = dict(bias_mode=bias_mode, cache_size=bias_cache_size)
         self.stem = Stem(in_channels, widths[0])
-        total = sum(depths)
+        dpr = stochastic_depth_schedule(depths, self.drop_path_rate)
         stages = []
         for i in range(4):
-            first = sum(depths[:i])
-            dpr = [self.drop_path_rate * (first + j) / max(total - 1, 1)
-                   for j in range(depths[i])]
             stages.append(EfficientFormerStage(
-                widths[i - 1] if i else widths[0], widths[i], depths[i], dpr, downsample=i > 0,
+                widths[i - 1] if i else widths[0], widths[i], depths[i], dpr[i], downsample=i > 0,
                 num_vit=num_vit if i == 3 else 0, mlp_ratio=s.get('mlp_ratio', 4.0),
                 pool_size=s.get('pool_size', 3),
                 layer_scale_init=s.get('layer_scale_init', 1e-5), attn_kwargs=attn_kwargs))

@@ -37,58 +37,24 @@ Attention biases, two modes (``bias_mode``):
 import math
 import re
 
-import torch
 import torch.nn as nn
 
 from ..checkpoint import CheckpointError, LayoutDict
 from ..registry import MODELS
 from .attention_bias import BIAS_MODES, RelPosBiasAttention
 from .base import BaseDenseBackbone
-from .layers import drop_path_or_identity, fuse_conv_bn
+from .layers import (ConvBN, LayerScale2d, drop_path_or_identity, fold_layer_scale_,
+                     stochastic_depth_schedule)
 
 
 # --------------------------------------------------------------------------------------------
 # small building blocks
 # --------------------------------------------------------------------------------------------
-class ConvNorm(nn.Module):
-    """``Conv2d`` (with bias, as in the official code) + ``BatchNorm2d``; children ``conv`` /
-    ``bn`` as in timm's ``ConvNorm``. Folds into one conv on deploy."""
-
-    def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, padding=0, groups=1):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
-                              groups=groups)
-        self.bn = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
-
-    def switch_to_deploy(self):
-        if isinstance(self.bn, nn.Identity):
-            return
-        self.conv = fuse_conv_bn(self.conv, self.bn)
-        self.bn = nn.Identity()
-
-
-class LayerScale2d(nn.Module):
-    """Per-channel scale of an NCHW map; ``gamma`` has shape ``(C,)`` (timm ``LayerScale2d``).
-
-    The official checkpoints store it as ``(C, 1, 1)``; the converter reshapes.
-    """
-
-    def __init__(self, dim, init_value=1e-5):
-        super().__init__()
-        self.gamma = nn.Parameter(init_value * torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma.view(1, -1, 1, 1)
-
-
-@torch.no_grad()
-def _fold_scale_into_conv(conv, gamma):
-    """``gamma[c] * conv(x)[c]`` -> ``conv'(x)`` (in place)."""
-    conv.weight.mul_(gamma.view(-1, 1, 1, 1))
-    conv.bias.mul_(gamma)
+def conv_norm(in_channels, out_channels, kernel_size=1, stride=1, padding=0, groups=1):
+    """``Conv2d`` (with bias, as in the official code) + ``BatchNorm2d``, children ``conv`` /
+    ``bn`` as in timm's ``ConvNorm``; folds into one conv on deploy."""
+    return ConvBN(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
+                  bias=True, names=('conv', 'bn'))
 
 
 class Mlp(nn.Module):
@@ -97,11 +63,11 @@ class Mlp(nn.Module):
 
     def __init__(self, dim, hidden_dim, drop=0.0):
         super().__init__()
-        self.fc1 = ConvNorm(dim, hidden_dim)
+        self.fc1 = conv_norm(dim, hidden_dim)
         self.act = nn.GELU()
-        self.mid = ConvNorm(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.mid = conv_norm(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
         self.drop = nn.Dropout(drop)
-        self.fc2 = ConvNorm(hidden_dim, dim)
+        self.fc2 = conv_norm(hidden_dim, dim)
 
     def forward(self, x):
         x = self.act(self.fc1(x))
@@ -114,9 +80,9 @@ class Stem(nn.Module):
 
     def __init__(self, in_channels, dim):
         super().__init__()
-        self.conv1 = ConvNorm(in_channels, dim // 2, 3, stride=2, padding=1)
+        self.conv1 = conv_norm(in_channels, dim // 2, 3, stride=2, padding=1)
         self.act1 = nn.GELU()
-        self.conv2 = ConvNorm(dim // 2, dim, 3, stride=2, padding=1)
+        self.conv2 = conv_norm(dim // 2, dim, 3, stride=2, padding=1)
         self.act2 = nn.GELU()
 
     def forward(self, x):
@@ -136,7 +102,7 @@ class Attention2d(RelPosBiasAttention):
         super().__init__()
         self.init_heads(num_heads, key_dim, attn_ratio)
         if stride is not None:
-            self.stride_conv = ConvNorm(dim, dim, 3, stride=stride, padding=1, groups=dim)
+            self.stride_conv = conv_norm(dim, dim, 3, stride=stride, padding=1, groups=dim)
             self.upsample = nn.Upsample(scale_factor=stride, mode='bilinear')
             res = tuple(math.ceil(r / stride) for r in resolution)
         else:
@@ -144,14 +110,14 @@ class Attention2d(RelPosBiasAttention):
             self.upsample = None
             res = tuple(resolution)
         dh = self.val_attn_dim
-        self.q = ConvNorm(dim, num_heads * key_dim)
-        self.k = ConvNorm(dim, num_heads * key_dim)
-        self.v = ConvNorm(dim, dh)
-        self.v_local = ConvNorm(dh, dh, 3, padding=1, groups=dh)
+        self.q = conv_norm(dim, num_heads * key_dim)
+        self.k = conv_norm(dim, num_heads * key_dim)
+        self.v = conv_norm(dim, dh)
+        self.v_local = conv_norm(dh, dh, 3, padding=1, groups=dh)
         self.talking_head1 = nn.Conv2d(num_heads, num_heads, 1)
         self.talking_head2 = nn.Conv2d(num_heads, num_heads, 1)
         self.act = nn.GELU()
-        self.proj = ConvNorm(dh, dim)
+        self.proj = conv_norm(dh, dim)
         self.init_relative_position_bias(num_heads, (res[0], res[0]), 1, bias_mode,
                                          (res[1], res[1]), cache_size)
 
@@ -185,7 +151,7 @@ class LocalGlobalQuery(nn.Module):
         super().__init__()
         self.pool = nn.AvgPool2d(1, 2, 0)
         self.local = nn.Conv2d(in_dim, in_dim, 3, stride=2, padding=1, groups=in_dim)
-        self.proj = ConvNorm(in_dim, out_dim)
+        self.proj = conv_norm(in_dim, out_dim)
 
     def forward(self, x):
         return self.proj(self.local(x) + self.pool(x))
@@ -201,11 +167,11 @@ class Attention2dDownsample(RelPosBiasAttention):
         self.init_heads(num_heads, key_dim, attn_ratio)
         dh = self.val_attn_dim
         self.q = LocalGlobalQuery(dim, num_heads * key_dim)
-        self.k = ConvNorm(dim, num_heads * key_dim)
-        self.v = ConvNorm(dim, dh)
-        self.v_local = ConvNorm(dh, dh, 3, stride=2, padding=1, groups=dh)
+        self.k = conv_norm(dim, num_heads * key_dim)
+        self.v = conv_norm(dim, dh)
+        self.v_local = conv_norm(dh, dh, 3, stride=2, padding=1, groups=dh)
         self.act = nn.GELU()
-        self.proj = ConvNorm(dh, out_dim)
+        self.proj = conv_norm(dh, out_dim)
         # official query stride = ceil(res / ceil(res / 2)) = 2 for the even resolutions used
         self.init_relative_position_bias(num_heads, (resolution[0],) * 2, 2, bias_mode,
                                          (resolution[1],) * 2, cache_size)
@@ -232,7 +198,7 @@ class Downsample(nn.Module):
 
     def __init__(self, in_dim, out_dim, attn=None):
         super().__init__()
-        self.conv = ConvNorm(in_dim, out_dim, 3, stride=2, padding=1)
+        self.conv = conv_norm(in_dim, out_dim, 3, stride=2, padding=1)
         self.attn = attn
 
     def forward(self, x):
@@ -259,19 +225,13 @@ class EfficientFormerV2Block(nn.Module):
             x = x + self.drop_path(self.ls1(self.token_mixer(x)))
         return x + self.drop_path(self.ls2(self.mlp(x)))
 
-    @torch.no_grad()
     def switch_to_deploy(self):
         """Fold the layer scales into the last conv of their branch (after its BN is folded)."""
-        pairs = [(self.mlp.fc2, 'ls2')]
+        self.mlp.fc2.switch_to_deploy()
+        fold_layer_scale_(self, 'ls2', self.mlp.fc2.conv)
         if self.token_mixer is not None:
-            pairs.append((self.token_mixer.proj, 'ls1'))
-        for conv_norm, name in pairs:
-            ls = getattr(self, name)
-            if not isinstance(ls, LayerScale2d):
-                continue
-            conv_norm.switch_to_deploy()
-            _fold_scale_into_conv(conv_norm.conv, ls.gamma)
-            setattr(self, name, nn.Identity())
+            self.token_mixer.proj.switch_to_deploy()
+            fold_layer_scale_(self, 'ls1', self.token_mixer.proj.conv)
 
 
 class EfficientFormerV2Stage(nn.Module):
@@ -386,7 +346,7 @@ class EfficientFormerV2(BaseDenseBackbone):
 
         attn_kw = dict(bias_mode=bias_mode, cache_size=bias_cache_size)
         self.stem = Stem(in_channels, widths[0])
-        total = sum(depths)
+        dpr = stochastic_depth_schedule(depths, self.drop_path_rate)
         stages = []
         for i in range(4):
             downsample = None
@@ -396,12 +356,12 @@ class EfficientFormerV2(BaseDenseBackbone):
                 downsample = Downsample(widths[i - 1], widths[i], attn)
             blocks = []
             for j in range(depths[i]):
-                dpr = self.drop_path_rate * (sum(depths[:i]) + j) / max(total - 1, 1)
                 mixer = None
                 if i >= 2 and j > depths[i] - 1 - vit_num:
                     mixer = Attention2d(widths[i], stride=2 if i == 2 else None,
                                         resolution=res(i), **attn_kw)
-                blocks.append(EfficientFormerV2Block(widths[i], mlp_ratios[i][j], dpr, mixer))
+                blocks.append(EfficientFormerV2Block(widths[i], mlp_ratios[i][j], dpr[i][j],
+                                                     mixer))
             stages.append(EfficientFormerV2Stage(downsample, blocks))
         self.stages = nn.ModuleList(stages)
         self._freeze_stages()

@@ -1,5 +1,5 @@
-"""Building blocks shared by every family: drop-path, layer scale, conv/linear + BN pairs,
-BN folding for deploy.
+"""Building blocks shared by every family: drop-path and its schedule, layer scale, conv/linear +
+BN pairs, and the deploy-time folding of BN and layer scales into the neighbouring layers.
 
 Everything that more than one family needs lives here once; a family file only composes them.
 (The relative-position attention biases live in :mod:`.attention_bias`.)
@@ -35,26 +35,42 @@ def drop_path_or_identity(prob):
 
 
 def stochastic_depth_schedule(depths, drop_path_rate):
-    """Linearly increasing drop-path rates over all blocks, split per stage."""
+    """The official EfficientFormer / SwiftFormer schedule, split per stage: block ``k`` of the
+    whole network (``K`` blocks) gets ``drop_path_rate * k / (K - 1)`` (Python floats, as the
+    official code computes them)."""
     total = sum(depths)
-    rates = [x.item() for x in torch.linspace(0, drop_path_rate, total)] if total else []
-    out, start = [], 0
+    out, first = [], 0
     for d in depths:
-        out.append(rates[start:start + d])
-        start += d
+        out.append([drop_path_rate * (first + j) / max(total - 1, 1) for j in range(d)])
+        first += d
     return out
 
 
 class LayerScale(nn.Module):
-    """Per-channel learnable scale ``gamma`` (shape ``(C,)`` or ``(C, 1, 1)``)."""
+    """Per-channel learnable scale ``gamma``, stored in the shape the family's checkpoints use.
 
-    def __init__(self, dim, init_value=1e-5, spatial=False):
+    * default: ``gamma`` ``(C,)`` on channels-last input (``(B, N, C)`` tokens);
+    * ``spatial=True``: ``gamma`` ``(C, 1, 1)`` on NCHW maps (SwiftFormer's layout);
+    * ``channels_first=True``: ``gamma`` ``(C,)`` on NCHW maps (timm's ``LayerScale2d``, see
+      :class:`LayerScale2d`).
+    """
+
+    def __init__(self, dim, init_value=1e-5, spatial=False, channels_first=False):
         super().__init__()
         shape = (dim, 1, 1) if spatial else (dim,)
         self.gamma = nn.Parameter(init_value * torch.ones(shape))
+        self.channels_first = bool(channels_first or spatial)
 
     def forward(self, x):
-        return x * self.gamma
+        return x * (self.gamma.view(-1, 1, 1) if self.channels_first else self.gamma)
+
+
+class LayerScale2d(LayerScale):
+    """:class:`LayerScale` of an NCHW map with a ``(C,)`` ``gamma`` (timm ``LayerScale2d``, the
+    EfficientFormer v1 / V2 layout)."""
+
+    def __init__(self, dim, init_value=1e-5):
+        super().__init__(dim, init_value, channels_first=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,26 +137,79 @@ def fuse_bn_linear(bn, linear):
     return fused
 
 
-class ConvBN(nn.Sequential):
-    """``Conv2d`` (no bias) followed by ``BatchNorm2d``; folds into one conv on deploy.
+@torch.no_grad()
+def fold_bn_(module, layer_name, bn_name, bn_first=False):
+    """Fold the BatchNorm child ``bn_name`` of ``module`` into its neighbour ``layer_name``.
 
-    Children are named ``c`` / ``bn`` as in the LeViT / EfficientFormerV2 official layouts.
+    ``bn_first=False``: ``bn(layer(x))``; ``True``: ``layer(bn(x))`` (a 1x1 conv or a Linear).
+    The fused layer replaces ``layer_name`` and the BN becomes ``nn.Identity`` -- the child names
+    stay, since they are each family's checkpoint layout. A no-op once folded, so deploy may run
+    twice. Works on ``nn.Sequential`` children too (names ``'0'``, ``'1'``...).
+    """
+    bn = getattr(module, bn_name)
+    if not isinstance(bn, _BatchNorm):
+        return
+    layer = getattr(module, layer_name)
+    if isinstance(layer, nn.Linear):
+        fused = fuse_bn_linear(bn, layer) if bn_first else fuse_linear_bn(layer, bn)
+    else:
+        fused = fuse_bn_conv1x1(bn, layer) if bn_first else fuse_conv_bn(layer, bn)
+    setattr(module, layer_name, fused)
+    setattr(module, bn_name, nn.Identity())
+
+
+@torch.no_grad()
+def fold_conv_bn_pairs_(seq):
+    """In an ``nn.Sequential``, fold every ``Conv2d`` that is directly followed by a BatchNorm."""
+    for i in range(len(seq) - 1):
+        if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], _BatchNorm):
+            fold_bn_(seq, str(i), str(i + 1))
+
+
+@torch.no_grad()
+def fold_scale_into_(layer, gamma):
+    """``gamma * layer(x)`` -> ``layer'(x)`` in place, for a conv / linear ``layer`` (``gamma`` per
+    output channel, any shape with ``C`` elements)."""
+    g = gamma.reshape(-1)
+    layer.weight.mul_(g.reshape(-1, *([1] * (layer.weight.dim() - 1))))
+    if layer.bias is not None:
+        layer.bias.mul_(g)
+
+
+def fold_layer_scale_(module, scale_name, layer):
+    """Fold the :class:`LayerScale` child ``scale_name`` of ``module`` into ``layer``, the last
+    layer of its branch, which must have its BN folded already; the scale becomes
+    ``nn.Identity``. A no-op once folded (or where the block has no such scale)."""
+    scale = getattr(module, scale_name, None)
+    if not isinstance(scale, LayerScale):
+        return
+    fold_scale_into_(layer, scale.gamma)
+    setattr(module, scale_name, nn.Identity())
+
+
+class ConvBN(nn.Sequential):
+    """``Conv2d`` followed by ``BatchNorm2d``; folds into one conv on deploy.
+
+    The child names are the family's checkpoint layout: ``('c', 'bn')`` (default: LeViT's
+    ``Conv2d_BN``), ``('conv', 'bn')`` (timm's EfficientFormerV2 ``ConvNorm``), ``('conv', 'norm')``
+    / ``('proj', 'norm')`` (the official ``Embedding`` downsample of EfficientFormer / SwiftFormer
+    in timm's names). ``bias``: the official EfficientFormer / SwiftFormer convs keep theirs.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, padding=0,
-                 dilation=1, groups=1, bn_weight_init=1.0):
+                 dilation=1, groups=1, bias=False, bn_weight_init=1.0, names=('c', 'bn')):
         super().__init__()
-        self.add_module('c', nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
-                                       dilation, groups, bias=False))
-        self.add_module('bn', nn.BatchNorm2d(out_channels))
-        nn.init.constant_(self.bn.weight, bn_weight_init)
-        nn.init.constant_(self.bn.bias, 0)
+        self._names = tuple(names)
+        conv_name, bn_name = self._names
+        self.add_module(conv_name, nn.Conv2d(in_channels, out_channels, kernel_size, stride,
+                                             padding, dilation, groups, bias=bias))
+        bn = nn.BatchNorm2d(out_channels)
+        nn.init.constant_(bn.weight, bn_weight_init)
+        nn.init.constant_(bn.bias, 0)
+        self.add_module(bn_name, bn)
 
     def switch_to_deploy(self):
-        if isinstance(self.bn, nn.Identity):
-            return
-        self.c = fuse_conv_bn(self.c, self.bn)
-        self.bn = nn.Identity()
+        fold_bn_(self, *self._names)
 
 
 class LinearBN(nn.Sequential):
@@ -160,16 +229,10 @@ class LinearBN(nn.Sequential):
         return self.bn(x.flatten(0, 1)).reshape_as(x)
 
     def switch_to_deploy(self):
-        if isinstance(self.bn, nn.Identity):
-            return
-        self.c = fuse_linear_bn(self.c, self.bn)
-        self.bn = nn.Identity()
-
-
-def pair(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+        fold_bn_(self, 'c', 'bn')
 
 
 __all__ = ['DropPath', 'drop_path_or_identity', 'stochastic_depth_schedule', 'LayerScale',
-           'fuse_conv_bn', 'fuse_bn_conv1x1', 'fuse_linear_bn', 'fuse_bn_linear', 'ConvBN',
-           'LinearBN', 'pair']
+           'LayerScale2d', 'fuse_conv_bn', 'fuse_bn_conv1x1', 'fuse_linear_bn', 'fuse_bn_linear',
+           'fold_bn_', 'fold_conv_bn_pairs_', 'fold_scale_into_', 'fold_layer_scale_', 'ConvBN',
+           'LinearBN']

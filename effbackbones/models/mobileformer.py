@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from ..checkpoint import LayoutDict
 from ..registry import MODELS
 from .base import BaseDenseBackbone
-from .layers import drop_path_or_identity, fuse_conv_bn
+from .layers import drop_path_or_identity, fold_conv_bn_pairs_
 
 CONV_ONLY = 'conv-only'
 PW_DW_PW = 'pw-dw-pw'          # authors' DnaBlock
@@ -86,15 +86,6 @@ class ChannelShuffle(nn.Module):
 
 def _shuffle_or_identity(groups, enabled):
     return ChannelShuffle(groups) if enabled else nn.Identity()
-
-
-@torch.no_grad()
-def _fold_conv_bn_pairs(seq):
-    """In an ``nn.Sequential``, fold every ``Conv2d`` directly followed by a ``BatchNorm2d``."""
-    for i in range(len(seq) - 1):
-        if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
-            seq[i] = fuse_conv_bn(seq[i], seq[i + 1])
-            seq[i + 1] = nn.Identity()
 
 
 class TokenHyperFunc(nn.Module):
@@ -251,7 +242,7 @@ class ConvOnlyBlock(nn.Module):
         return out, tokens
 
     def switch_to_deploy(self):
-        _fold_conv_bn_pairs(self.conv)
+        fold_conv_bn_pairs_(self.conv)
 
 
 class _BridgedBlock(nn.Module):
@@ -267,7 +258,7 @@ class _BridgedBlock(nn.Module):
         for name in ('conv1', 'conv2', 'conv3', 'conv4'):
             seq = getattr(self, name, None)
             if seq is not None:
-                _fold_conv_bn_pairs(seq)
+                fold_conv_bn_pairs_(seq)
 
 
 class InvertedBottleneckBlock(_BridgedBlock):
@@ -363,7 +354,7 @@ class Stem(nn.Sequential):
                          nn.BatchNorm2d(out_channels), nn.ReLU6())
 
     def switch_to_deploy(self):
-        _fold_conv_bn_pairs(self)
+        fold_conv_bn_pairs_(self)
 
 
 # (kind, e1, out channels, stride, e2) per block, as the authors' ``dna_blocks`` tables

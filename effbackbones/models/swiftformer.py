@@ -17,16 +17,8 @@ import torch.nn.functional as F
 from ..checkpoint import LayoutDict, rename_keys
 from ..registry import MODELS
 from .base import BaseDenseBackbone
-from .layers import LayerScale, drop_path_or_identity, fuse_bn_conv1x1, fuse_conv_bn
-
-
-@torch.no_grad()
-def _fold_scale_into(layer, gamma):
-    """``gamma * layer(x)`` -> ``layer'(x)`` for a conv / linear ``layer`` (per out channel)."""
-    g = gamma.reshape(-1)
-    layer.weight.mul_(g.reshape(-1, *([1] * (layer.weight.dim() - 1))))
-    if layer.bias is not None:
-        layer.bias.mul_(g)
+from .layers import (ConvBN, LayerScale, drop_path_or_identity, fold_bn_, fold_conv_bn_pairs_,
+                     fold_layer_scale_, stochastic_depth_schedule)
 
 
 class ConvEncoder(nn.Module):
@@ -47,12 +39,8 @@ class ConvEncoder(nn.Module):
         return x + self.drop_path(self.layer_scale(y))
 
     def switch_to_deploy(self):
-        if isinstance(self.norm, nn.Identity):
-            return
-        self.dwconv = fuse_conv_bn(self.dwconv, self.norm)
-        self.norm = nn.Identity()
-        _fold_scale_into(self.pwconv2, self.layer_scale.gamma)
-        self.layer_scale = nn.Identity()
+        fold_bn_(self, 'dwconv', 'norm')
+        fold_layer_scale_(self, 'layer_scale', self.pwconv2)
 
 
 class LocalRepresentation(ConvEncoder):
@@ -101,10 +89,7 @@ class ConvMlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(self.norm1(x))))))
 
     def switch_to_deploy(self):
-        if isinstance(self.norm1, nn.Identity):
-            return
-        self.fc1 = fuse_bn_conv1x1(self.norm1, self.fc1)
-        self.norm1 = nn.Identity()
+        fold_bn_(self, 'fc1', 'norm1', bn_first=True)
 
 
 class SwiftFormerEncoder(nn.Module):
@@ -127,38 +112,21 @@ class SwiftFormerEncoder(nn.Module):
         return x + self.drop_path(self.layer_scale_2(self.linear(x)))
 
     def switch_to_deploy(self):
-        if isinstance(self.layer_scale_1, nn.Identity):
-            return
-        self.linear.switch_to_deploy()
-        _fold_scale_into(self.attn.final, self.layer_scale_1.gamma)
-        _fold_scale_into(self.linear.fc2, self.layer_scale_2.gamma)
-        self.layer_scale_1 = nn.Identity()
-        self.layer_scale_2 = nn.Identity()
+        fold_layer_scale_(self, 'layer_scale_1', self.attn.final)
+        fold_layer_scale_(self, 'layer_scale_2', self.linear.fc2)
 
 
-class Downsample(nn.Module):
-    """Conv 3x3 stride 2 + BN between stages (official ``Embedding``)."""
-
-    def __init__(self, in_dim, out_dim):
-        super().__init__()
-        self.proj = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
-        self.norm = nn.BatchNorm2d(out_dim)
-
-    def forward(self, x):
-        return self.norm(self.proj(x))
-
-    def switch_to_deploy(self):
-        if isinstance(self.norm, nn.Identity):
-            return
-        self.proj = fuse_conv_bn(self.proj, self.norm)
-        self.norm = nn.Identity()
+def downsample_conv_bn(in_dim, out_dim):
+    """Conv 3x3 stride 2 + BN between stages (official ``Embedding``; timm names ``proj`` /
+    ``norm``)."""
+    return ConvBN(in_dim, out_dim, 3, 2, 1, bias=True, names=('proj', 'norm'))
 
 
 class SwiftFormerStage(nn.Module):
 
     def __init__(self, in_dim, dim, depth, mlp_ratio, drop_path_rates, downsample, num_vit=1):
         super().__init__()
-        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.downsample = downsample_conv_bn(in_dim, dim) if downsample else nn.Identity()
         blocks = []
         for j in range(depth):
             if depth - j <= num_vit:
@@ -178,10 +146,7 @@ class Stem(nn.Sequential):
             nn.ReLU())
 
     def switch_to_deploy(self):
-        for conv_i, bn_i in ((0, 1), (3, 4)):
-            if isinstance(self[bn_i], nn.BatchNorm2d):
-                self[conv_i] = fuse_conv_bn(self[conv_i], self[bn_i])
-                self[bn_i] = nn.Identity()
+        fold_conv_bn_pairs_(self)
 
 
 @MODELS.register_module()
@@ -228,14 +193,11 @@ class SwiftFormer(BaseDenseBackbone):
         self.channels = tuple(widths)
 
         self.stem = Stem(in_channels, widths[0])
-        total = sum(depths)
+        dpr = stochastic_depth_schedule(depths, self.drop_path_rate)
         stages = []
         for i in range(4):
-            # official per-block rate: drop_path_rate * global_block_index / (total - 1)
-            first = sum(depths[:i])
-            dpr = [self.drop_path_rate * (first + j) / max(total - 1, 1) for j in range(depths[i])]
             stages.append(SwiftFormerStage(widths[i - 1] if i else widths[0], widths[i],
-                                           depths[i], mlp_ratio, dpr, downsample=i > 0,
+                                           depths[i], mlp_ratio, dpr[i], downsample=i > 0,
                                            num_vit=num_vit))
         self.stages = nn.ModuleList(stages)
         self.out_norms = nn.ModuleList(
