@@ -88,6 +88,14 @@ def _shuffle_or_identity(groups, enabled):
     return ChannelShuffle(groups) if enabled else nn.Identity()
 
 
+def conv_bn(inp, oup, kernel_size, stride=1, groups=1, *tail):
+    """``nn.Sequential(Conv2d (no bias, 'same' padding), BatchNorm2d, *tail)``: the authors' conv
+    units, children ``0`` / ``1`` as in their checkpoints."""
+    return nn.Sequential(nn.Conv2d(inp, oup, kernel_size, stride, kernel_size // 2,
+                                   groups=groups, bias=False),
+                         nn.BatchNorm2d(oup), *tail)
+
+
 class TokenHyperFunc(nn.Module):
     """Dynamic-ReLU coefficients from token 0: ``Linear - ReLU - Linear - h_sigmoid``.
 
@@ -246,13 +254,21 @@ class ConvOnlyBlock(nn.Module):
 
 
 class _BridgedBlock(nn.Module):
-    """Shared bridge set-up of the two token-aware block kinds."""
+    """What the two token-aware block kinds share: outer residual, bridges, Former, deploy."""
 
-    def _build_bridges(self, inp, oup, token_dim, bridge_heads, former_heads, ffn_ratio,
-                       drop_path):
+    def _build_residual_and_bridges(self, inp, oup, stride, token_dim, bridge_heads,
+                                    former_heads, ffn_ratio, drop_path):
+        """Outer residual when stride 1 and the width is kept; the Mobile->Former bridge, the
+        Former and the Former->Mobile bridge (drop path on every token / map update)."""
+        self.identity = stride == 1 and inp == oup
+        self.drop_path = drop_path_or_identity(drop_path)
         self.local_global = MobileToFormer(inp, token_dim, bridge_heads, drop_path)
         self.global_block = Former(token_dim, former_heads, ffn_ratio, drop_path)
         self.global_local = FormerToMobile(oup, token_dim, bridge_heads, drop_path)
+
+    def update_tokens(self, x, tokens):
+        """Mobile->Former bridge, then the Former: the tokens the conv path of this block reads."""
+        return self.global_block(self.local_global(x, tokens))
 
     def switch_to_deploy(self):
         for name in ('conv1', 'conv2', 'conv3', 'conv4'):
@@ -274,24 +290,16 @@ class InvertedBottleneckBlock(_BridgedBlock):
         super().__init__()
         hidden = round(inp * e1)
         shuffle = groups > 1
-        self.conv1 = nn.Sequential(
-            nn.Conv2d(inp, hidden, 1, 1, 0, groups=groups, bias=False),
-            nn.BatchNorm2d(hidden), _shuffle_or_identity(groups, shuffle))
+        self.conv1 = conv_bn(inp, hidden, 1, 1, groups, _shuffle_or_identity(groups, shuffle))
         self.hyper1 = TokenHyperFunc(token_dim, hidden, hyper_reduction)
-        self.conv2 = nn.Sequential(
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden))
+        self.conv2 = conv_bn(hidden, hidden, 3, stride, hidden)
         self.hyper2 = TokenHyperFunc(token_dim, hidden, hyper_reduction)
-        self.conv3 = nn.Sequential(
-            nn.Conv2d(hidden, oup, 1, 1, 0, groups=groups, bias=False),
-            nn.BatchNorm2d(oup), _shuffle_or_identity(groups, shuffle))
-        self.identity = stride == 1 and inp == oup
-        self.drop_path = drop_path_or_identity(drop_path)
-        self._build_bridges(inp, oup, token_dim, bridge_heads, former_heads, ffn_ratio,
-                            drop_path)
+        self.conv3 = conv_bn(hidden, oup, 1, 1, groups, _shuffle_or_identity(groups, shuffle))
+        self._build_residual_and_bridges(inp, oup, stride, token_dim, bridge_heads,
+                                         former_heads, ffn_ratio, drop_path)
 
     def forward(self, x, tokens):
-        tokens = self.global_block(self.local_global(x, tokens))
+        tokens = self.update_tokens(x, tokens)
         out = dynamic_relu(self.conv1(x), self.hyper1(tokens))
         out = dynamic_relu(self.conv2(out), self.hyper2(tokens))
         out = self.conv3(out)
@@ -315,27 +323,17 @@ class DoubleDepthwiseBlock(_BridgedBlock):
         hidden1 = round(inp * e1)
         hidden2 = round(oup * e2)
         shuffle = groups > 1
-        self.conv1 = nn.Sequential(
-            nn.Conv2d(inp, hidden1, 3, stride, 1, groups=inp, bias=False),
-            nn.BatchNorm2d(hidden1), _shuffle_or_identity(inp, shuffle))
+        self.conv1 = conv_bn(inp, hidden1, 3, stride, inp, _shuffle_or_identity(inp, shuffle))
         self.hyper1 = TokenHyperFunc(token_dim, hidden1, hyper_reduction)
-        self.conv2 = nn.Sequential(
-            nn.Conv2d(hidden1, oup, 1, 1, 0, groups=groups, bias=False),
-            nn.BatchNorm2d(oup))
-        self.conv3 = nn.Sequential(
-            nn.Conv2d(oup, hidden2, 3, 1, 1, groups=oup, bias=False),
-            nn.BatchNorm2d(hidden2), _shuffle_or_identity(oup, shuffle))
+        self.conv2 = conv_bn(hidden1, oup, 1, 1, groups)
+        self.conv3 = conv_bn(oup, hidden2, 3, 1, oup, _shuffle_or_identity(oup, shuffle))
         self.hyper3 = TokenHyperFunc(token_dim, hidden2, hyper_reduction)
-        self.conv4 = nn.Sequential(
-            nn.Conv2d(hidden2, oup, 1, 1, 0, groups=groups, bias=False),
-            nn.BatchNorm2d(oup))
-        self.identity = stride == 1 and inp == oup
-        self.drop_path = drop_path_or_identity(drop_path)
-        self._build_bridges(inp, oup, token_dim, bridge_heads, former_heads, ffn_ratio,
-                            drop_path)
+        self.conv4 = conv_bn(hidden2, oup, 1, 1, groups)
+        self._build_residual_and_bridges(inp, oup, stride, token_dim, bridge_heads,
+                                         former_heads, ffn_ratio, drop_path)
 
     def forward(self, x, tokens):
-        tokens = self.global_block(self.local_global(x, tokens))
+        tokens = self.update_tokens(x, tokens)
         out = dynamic_relu(self.conv1(x), self.hyper1(tokens))
         inner = self.conv2(out)
         out = dynamic_relu(self.conv3(inner), self.hyper3(tokens))
