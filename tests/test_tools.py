@@ -104,8 +104,10 @@ def test_mmseg_train_test(shapes, tmp_path):
     assert osp.isfile(ckpt)
     losses = [r['loss'] for r in _scalars(wd) if 'loss' in r]
     assert len(losses) == 4 and all(l == l for l in losses)
-    proc = run([PY, 'tools/test.py', SEG, ckpt, '--work-dir', wd] + seg_opts(shapes, 4))
+    proc = run([PY, 'tools/test.py', SEG, ckpt, '--work-dir', wd, '--show-dir', 'vis']
+               + seg_opts(shapes, 4))
     assert re.search(r'mIoU: [\d.]+', proc.stdout + proc.stderr)
+    assert len(glob.glob(osp.join(wd, 'vis', '**', '*.png'), recursive=True)) == 4
 
 
 @pytest.mark.slow

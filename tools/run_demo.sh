@@ -16,12 +16,12 @@ OUT="${DEMO_OUT:-work_dirs/demo}"
 echo "=== [1/2] Mask R-CNN + SwiftFormer-XS on synthetic shapes (mmdet) ==="
 DET=configs/demo/maskrcnn_swiftformer_xs_shapes.py
 "$PY" tools/train.py "$DET" --work-dir "$OUT/maskrcnn" "$@"
-"$PY" tools/test.py "$DET" "$OUT/maskrcnn/epoch_12.pth" --work-dir "$OUT/maskrcnn" --show-dir vis
+"$PY" tools/test.py "$DET" "$OUT/maskrcnn/epoch_10.pth" --work-dir "$OUT/maskrcnn" --show-dir vis
 
 echo "=== [2/2] Semantic FPN + SwiftFormer-XS on the semantic twin (mmseg) ==="
 SEG=configs/demo/semfpn_swiftformer_xs_shapes.py
 "$PY" tools/train.py "$SEG" --work-dir "$OUT/semfpn" "$@"
-"$PY" tools/test.py "$SEG" "$OUT/semfpn/iter_300.pth" --work-dir "$OUT/semfpn" --show-dir vis
+"$PY" tools/test.py "$SEG" "$OUT/semfpn/iter_120.pth" --work-dir "$OUT/semfpn" --show-dir vis
 
 echo "=== summary ==="
 rc=0

@@ -42,9 +42,9 @@ def main(argv=None):
     print(f'[summary]   training loss: {first:.3f} (first {k} logs) -> {last:.3f} (last {k} logs)')
     print('[summary]   test metrics : ' + ', '.join(f'{key}={v}' for key, v in shown.items()))
     if a.picture:
-        pics = sorted(glob.glob(osp.join(a.work_dir, '**', 'vis', '**', '*.png'), recursive=True)
-                      + glob.glob(osp.join(a.work_dir, '**', 'vis', '**', '*.jpg'),
-                                  recursive=True))
+        pics = sorted(p for ext in ('png', 'jpg') for p in glob.glob(
+            osp.join(a.work_dir, '**', f'*.{ext}'), recursive=True)
+            if f'{os.sep}vis{os.sep}' in p)
         if pics:
             os.makedirs(osp.dirname(a.picture) or '.', exist_ok=True)
             shutil.copy(pics[0], a.picture)

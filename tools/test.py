@@ -28,8 +28,8 @@ def parse_args(argv=None):
     p.add_argument('--out', help='mmdet: dump predictions to this .pkl; mmseg: save '
                                  'prediction maps in this directory')
     p.add_argument('--show', action='store_true', help='show predictions in a window')
-    p.add_argument('--show-dir', help='save pictures of the predictions in this directory '
-                                      '(relative to the run\'s timestamped work dir)')
+    p.add_argument('--show-dir', help='save pictures of the predictions in this directory, '
+                                      'inside the work dir')
     p.add_argument('--wait-time', type=float, default=2, help='interval of --show (s)')
     p.add_argument('--deploy', action='store_true',
                    help='switch the backbone to deploy mode (BN folded) before testing')
@@ -67,8 +67,14 @@ def main(argv=None):
             hooks.visualization.show = True
             hooks.visualization.wait_time = args.wait_time
         if args.show_dir:
-            key = 'test_out_dir' if toolbox == 'mmdet' else 'test_out_dir'
-            hooks.visualization[key] = args.show_dir
+            if toolbox == 'mmdet':
+                # DetVisualizationHook: <work_dir>/<timestamp>/<show_dir>/
+                hooks.visualization.test_out_dir = args.show_dir
+            else:
+                # mmseg draws through the visualizer: <work_dir>/<show_dir>/vis_data/vis_image/;
+                # its hook draws only every 50th batch by default: draw them all
+                cfg.visualizer.save_dir = osp.join(cfg.work_dir, args.show_dir)
+                hooks.visualization.interval = 1
     if args.out:
         if toolbox == 'mmdet':
             dump = dict(type='DumpDetResults', out_file_path=args.out)

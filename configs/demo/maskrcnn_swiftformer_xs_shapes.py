@@ -9,7 +9,7 @@ data_root = 'data/shapes/coco/'
 metainfo = dict(classes=('circle', 'square', 'triangle'),
                 palette=[(220, 20, 60), (0, 160, 80), (30, 80, 230)])
 img_scale = (256, 256)
-max_epochs = 12
+max_epochs = 10
 
 # Heads at 128 instead of 256 channels and fewer sampled RoIs: the RoI mask head dominates the
 # cost of a Mask R-CNN step on a CPU (4 conv3x3 per positive RoI).
@@ -61,7 +61,7 @@ test_evaluator = val_evaluator
 optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=1e-4), clip_grad=dict(max_norm=10))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-2, by_epoch=False, begin=0, end=40),
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[9], gamma=0.1),
+    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[8], gamma=0.1),
 ]
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 default_hooks = dict(logger=dict(interval=4), checkpoint=dict(interval=max_epochs // 2))

@@ -4,7 +4,7 @@ _base_ = ['../semfpn_swiftformer_xs.py']
 
 data_root = 'data/shapes/seg/'
 crop_size = (256, 256)
-num_iters = 300
+num_iters = 120
 metainfo = dict(classes=('background', 'circle', 'square', 'triangle'),
                 palette=[(0, 0, 0), (220, 20, 60), (0, 160, 80), (30, 80, 230)])
 

@@ -295,6 +295,9 @@ class LeViT(BaseDenseBackbone):
     arch_aliases = {f'levit{k}': k for k in ('128s', '128', '192', '256', '384')}
     arch_keys = ('embed_dims', 'key_dim', 'num_heads', 'depths')
     size_divisor = 32
+    #: same weights, other attention implementations: timed side by side by tools/benchmark.py
+    benchmark_variants = {'attn=sdpa': dict(attn_impl='sdpa'),
+                          'attn=naive': dict(attn_impl='naive')}
     strides = (4, 8, 16, 32, 64)
     ignored_key_patterns = ('head.*', 'head_dist.*', '*attention_bias_idxs')
 
