@@ -46,8 +46,9 @@ def main(argv=None):
             osp.join(a.work_dir, '**', f'*.{ext}'), recursive=True)
             if f'{os.sep}vis{os.sep}' in p)
         if pics:
+            best = pics[0]   # the first validation image: no cherry-picking
             os.makedirs(osp.dirname(a.picture) or '.', exist_ok=True)
-            shutil.copy(pics[0], a.picture)
+            shutil.copy(best, a.picture)
             print(f'[summary]   predictions  : {a.picture} (all: {osp.dirname(pics[0])})')
     learned = last < first and float(final[a.metric]) > 0
     print(f'[summary]   learned      : {"yes" if learned else "NO"} '

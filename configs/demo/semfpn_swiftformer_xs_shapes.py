@@ -47,4 +47,4 @@ optim_wrapper = dict(optimizer=dict(lr=1e-3))
 param_scheduler = [dict(type='PolyLR', power=0.9, eta_min=0.0, begin=0, end=num_iters,
                         by_epoch=False)]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=num_iters, val_interval=num_iters)
-default_hooks = dict(logger=dict(interval=20), checkpoint=dict(by_epoch=False, interval=num_iters // 2))
+default_hooks = dict(logger=dict(interval=10), checkpoint=dict(by_epoch=False, interval=num_iters // 2))
