@@ -3,7 +3,7 @@
 # AdamW lr 2e-4, wd 1e-4, 12 epochs (steps 8/11), 500 linear warm-up iterations from ratio 1e-6
 # (the official _base_/schedules/schedule_1x.py), batch 2 x 8 GPUs, 1333x800.
 # BatchNorms train as plain per-GPU BN, as in the official v1 dense backbone (no SyncBN there).
-_base_ = ['./_base_/maskrcnn_fpn_1x_coco_adamw.py']
+_base_ = ['./_base_/maskrcnn_efficientformer_recipe.py']
 
 model = dict(
     backbone=dict(
@@ -14,8 +14,3 @@ model = dict(
         # (efficientformer_l1_300d.pth, {'model': ...}), or timm's efficientformer_l1
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/efficientformer_l1_300d.pth')),
     neck=dict(in_channels=[48, 96, 224, 448]))
-
-param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1),
-]

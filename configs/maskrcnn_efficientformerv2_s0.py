@@ -2,7 +2,7 @@
 # snap-research/EfficientFormer detection/configs/mask_rcnn_efficientformerv2_s0_fpn_1x_coco.py):
 # AdamW lr 2e-4, wd 0.05, 12 epochs (steps 8/11), 500 linear warm-up iterations from ratio 1e-6,
 # batch 2 x 8 GPUs, 1333x800, drop_path_rate 0.0 (official efficientformerv2_s0_feat).
-_base_ = ['./_base_/maskrcnn_fpn_1x_coco_adamw.py']
+_base_ = ['./_base_/maskrcnn_efficientformerv2_recipe.py']
 
 model = dict(
     backbone=dict(
@@ -14,16 +14,3 @@ model = dict(
         # (eformer_s0_450.pth, {'model': ...}), or timm's efficientformerv2_s0
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/eformer_s0_450.pth')),
     neck=dict(in_channels=[32, 48, 96, 176]))
-
-# BatchNorm as in the official V2 runs: their dense backbone converts its BNs to SyncBatchNorm
-# after loading the ImageNet weights, and its train() override only freezes nn.BatchNorm2d, so
-# the BN statistics train, synchronised across GPUs. Reproduced with norm_eval=False and
-# sync_bn='torch' (mmengine converts every BN of the model to SyncBN when training distributed;
-# the backbone holds the only BNs of Mask R-CNN, and mmseg's FPN head already uses SyncBN).
-sync_bn = 'torch'
-
-optim_wrapper = dict(optimizer=dict(weight_decay=0.05))
-param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1),
-]

@@ -1,7 +1,7 @@
 # Mask R-CNN + LeViT-384 + FPN, COCO 1x. Recipe OURS (no LeViT paper numbers): 12 epochs (steps
 # 8/11), 500 linear warm-up iterations from 1e-3, batch 2 x 8 GPUs, 1333x800, with the LeViT
-# optimiser below.
-_base_ = ['./_base_/maskrcnn_fpn_1x_coco_adamw.py']
+# optimiser of _base_/maskrcnn_levit_recipe.py.
+_base_ = ['./_base_/maskrcnn_levit_recipe.py']
 
 model = dict(
     backbone=dict(
@@ -12,10 +12,3 @@ model = dict(
         # (LeViT-384-9bdaf2e2.pth, {'model': ...}), or timm's levit_384 / levit_conv_384
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/LeViT-384-9bdaf2e2.pth')),
     neck=dict(in_channels=[96, 192, 384, 512]))
-
-# LeViT optimiser (OURS; the LeViT paper has no dense-prediction runs): AdamW lr 1e-4, wd 0.05 and
-# no weight decay on the attention-bias tables (every `*.attention_biases` parameter of the
-# backbone), as used for the LeViT-derived EfficientViT (microsoft/Cream) detection configs.
-optim_wrapper = dict(
-    optimizer=dict(lr=1e-4, weight_decay=0.05),
-    paramwise_cfg=dict(custom_keys={'attention_biases': dict(decay_mult=0.0)}))

@@ -1,7 +1,7 @@
 # Mask R-CNN + Mobile-Former-214M + FPN, COCO 1x. Recipe OURS (the paper has no Mask R-CNN run):
 # the EfficientFormer one, AdamW lr 2e-4, wd 1e-4, 12 epochs (steps 8/11), 500 linear warm-up
 # iterations from ratio 1e-6, batch 2 x 8 GPUs, 1333x800; BatchNorms train (per-GPU BN).
-_base_ = ['./_base_/maskrcnn_fpn_1x_coco_adamw.py']
+_base_ = ['./_base_/maskrcnn_efficientformer_recipe.py']
 
 model = dict(
     backbone=dict(
@@ -10,8 +10,3 @@ model = dict(
         # mobile-former-214m, timm-0.3.4 CheckpointSaver layout: 'state_dict' / 'state_dict_ema')
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/mobile-former-214m.pth.tar')),
     neck=dict(in_channels=[20, 40, 112, 160]))
-
-param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1),
-]

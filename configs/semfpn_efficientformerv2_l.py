@@ -2,7 +2,7 @@
 # recipe (official segmentation/configs/sem_fpn/fpn_efficientformerv2_l_ade20k_40k.py): AdamW
 # lr 2e-4, wd 1e-4, poly (power 0.9, min lr 1e-6), batch 4 x 8 GPUs, test sides resized to
 # multiples of 32, drop_path_rate 0.1 (official efficientformerv2_l_feat).
-_base_ = ['./_base_/semfpn_ade20k_40k_adamw.py']
+_base_ = ['./_base_/semfpn_efficientformerv2_recipe.py']
 
 model = dict(
     backbone=dict(
@@ -11,14 +11,3 @@ model = dict(
         norm_eval=False,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/eformer_l_450.pth')),
     neck=dict(in_channels=[40, 80, 192, 384]))
-
-# BatchNorm as in the official V2 runs: their dense backbone converts its BNs to SyncBatchNorm
-# after loading the ImageNet weights, and its train() override only freezes nn.BatchNorm2d, so
-# the BN statistics train, synchronised across GPUs. Reproduced with norm_eval=False and
-# sync_bn='torch' (mmengine converts every BN of the model to SyncBN when training distributed;
-# the backbone holds the only BNs of Mask R-CNN, and mmseg's FPN head already uses SyncBN).
-sync_bn = 'torch'
-
-param_scheduler = [
-    dict(type='PolyLR', power=0.9, eta_min=1e-6, begin=0, end=40000, by_epoch=False),
-]

@@ -1,7 +1,7 @@
 # Semantic FPN + LeViT-128S, ADE20K 512x512, 40k iters. Recipe OURS (no LeViT paper numbers): poly
 # (power 0.9, min lr 0), batch 4 x 8 GPUs, test sides resized to multiples of 32, with the LeViT
-# optimiser below.
-_base_ = ['./_base_/semfpn_ade20k_40k_adamw.py']
+# optimiser of _base_/semfpn_levit_recipe.py.
+_base_ = ['./_base_/semfpn_levit_recipe.py']
 
 model = dict(
     backbone=dict(
@@ -12,10 +12,3 @@ model = dict(
         # (LeViT-128S-96703c44.pth, {'model': ...}), or timm's levit_128s / levit_conv_128s
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/LeViT-128S-96703c44.pth')),
     neck=dict(in_channels=[32, 64, 128, 256]))
-
-# LeViT optimiser (OURS; the LeViT paper has no dense-prediction runs): AdamW lr 1e-4, wd 0.05 and
-# no weight decay on the attention-bias tables (every `*.attention_biases` parameter of the
-# backbone), as used for the LeViT-derived EfficientViT (microsoft/Cream) detection configs.
-optim_wrapper = dict(
-    optimizer=dict(lr=1e-4, weight_decay=0.05),
-    paramwise_cfg=dict(custom_keys={'attention_biases': dict(decay_mult=0.0)}))

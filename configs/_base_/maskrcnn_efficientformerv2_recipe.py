@@ -1,0 +1,12 @@
+# EfficientFormerV2 paper recipe for Mask R-CNN 1x: the EfficientFormer one with weight decay 0.05
+# (official mask_rcnn_efficientformerv2_*_fpn_1x_coco.py), and BatchNorm as in the official runs.
+_base_ = ['./maskrcnn_efficientformer_recipe.py']
+
+optim_wrapper = dict(optimizer=dict(weight_decay=0.05))
+
+# The official V2 dense backbone converts its BNs to SyncBatchNorm after loading the ImageNet
+# weights, and its train() override only freezes nn.BatchNorm2d, so the BN statistics train,
+# synchronised across GPUs. Reproduced with the backbone's norm_eval=False (its default) and
+# sync_bn='torch': mmengine converts every BN of the model to SyncBN when training distributed
+# (the backbone holds the only BNs of Mask R-CNN).
+sync_bn = 'torch'
