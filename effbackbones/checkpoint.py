@@ -24,7 +24,7 @@ from collections import OrderedDict
 
 import torch
 
-from mmengine.logging import MMLogger, print_log
+from mmengine.logging import print_log
 
 
 class CheckpointError(RuntimeError):

@@ -8,16 +8,16 @@
 (the deploy path, same predictions). ``--show-dir`` saves pictures of the predictions.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import Config  # noqa: E402
 
-from effbackbones.utils.launch import (check_datasets, detect_toolbox, main_guard,  # noqa: E402
-                                       prepare_config, register_toolbox)
+from effbackbones.utils.launch import (  # noqa: E402
+    add_common_args, check_datasets, detect_toolbox, main_guard, parse_common, prepare_config,
+    register_toolbox)
 
 
 def parse_args(argv=None):
@@ -33,14 +33,7 @@ def parse_args(argv=None):
     p.add_argument('--wait-time', type=float, default=2, help='interval of --show (s)')
     p.add_argument('--deploy', action='store_true',
                    help='switch the backbone to deploy mode (BN folded) before testing')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
-                   help='override config settings, xxx=yyy format')
-    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = p.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    return parse_common(add_common_args(p), argv)
 
 
 def main(argv=None):

@@ -9,17 +9,16 @@ The toolbox (mmdet or mmseg) is picked from the config's ``default_scope``. Seve
 gloo on CPU-only machines).
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import Config  # noqa: E402
 
-from effbackbones.utils.launch import (check_datasets, check_pretrained_files,  # noqa: E402
-                                       detect_toolbox, main_guard, prepare_config,
-                                       register_toolbox)
+from effbackbones.utils.launch import (  # noqa: E402
+    add_common_args, check_datasets, check_pretrained_files, detect_toolbox, main_guard,
+    parse_common, prepare_config, register_toolbox)
 
 
 def parse_args(argv=None):
@@ -32,14 +31,7 @@ def parse_args(argv=None):
     p.add_argument('--resume', nargs='?', type=str, const='auto',
                    help='resume from CKPT, or from the latest checkpoint in the work dir '
                         'when no path is given')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
-                   help='override config settings, xxx=yyy format')
-    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = p.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    return parse_common(add_common_args(p), argv)
 
 
 def main(argv=None):

@@ -157,6 +157,24 @@ def _init_cpu_process_group():
         dist.init_process_group(backend='gloo')
 
 
+def add_common_args(parser):
+    """Flags tools/train.py and tools/test.py share with mmdet's and mmseg's own tools."""
+    from mmengine.config import DictAction
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, xxx=yyy format')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher (dist_train.sh uses pytorch)')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser
+
+
+def parse_common(parser, argv=None):
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
 def main_guard(fn):
     """Run ``fn`` and turn our SystemExit messages into a clean, non-zero exit."""
     try:
