@@ -4,7 +4,6 @@ import functools
 import glob
 import importlib.util
 import os.path as osp
-import re
 
 import pytest
 import yaml
