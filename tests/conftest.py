@@ -60,3 +60,49 @@ def mw():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def random_cls_state_dict(pack, seed=3):
+    """Random floats in a pack's released classification layout (``cls_manifest``); integer
+    entries (index buffers) take the pack's stored value where it has one, else zeros."""
+    g = torch.Generator().manual_seed(seed)
+    sd = zero_state_dict(pack['cls_manifest'])
+    for k, v in sd.items():
+        if v.is_floating_point():
+            sd[k] = torch.randn(v.shape, generator=g)
+        elif k in pack.get('int_buffers', {}):
+            sd[k] = pack['int_buffers'][k].reshape(v.shape).to(v.dtype).clone()
+    return sd
+
+
+def check_pack_parity(model_cls, family, variant, tmp_path, wrapper='model', deploy=True,
+                      on_loaded=None, on_deploy=None, **model_kw):
+    """The parity skeleton shared by every family: the pack's official dense weights are saved
+    as the official release does (``{wrapper: state_dict}``), the model is built with an
+    ``init_cfg`` of type Pretrained, ``init_weights`` loads them, and in eval mode its outputs on
+    the pack input match the official ones; with ``deploy`` the same holds after
+    ``switch_to_deploy``. ``on_loaded(model, pack)`` runs after loading (before the eager
+    forward), ``on_deploy(model, pack)`` after ``switch_to_deploy`` (before its forward), for a
+    family's own assertions. Returns the model."""
+    mw = make_weights()
+    pack = load_pack(family, variant)
+    ckpt = tmp_path / f'{family}_{variant}_official.pth'
+    torch.save({wrapper: mw.state_dict_from_pack(pack)}, ckpt)
+    model = model_cls(variant, init_cfg=dict(type='Pretrained', checkpoint=str(ckpt)),
+                      **model_kw)
+    model.init_weights()
+    model.eval()
+    if on_loaded is not None:
+        on_loaded(model, pack)
+    x = mw.input_from_pack(pack)
+    stages = [('eager', None)] + ([('deploy', on_deploy)] if deploy else [])
+    for name, hook in stages:
+        if name == 'deploy':
+            model.switch_to_deploy()
+            if hook is not None:
+                hook(model, pack)
+        with torch.no_grad():
+            outs = model(x)
+        ok, report = mw.compare_outputs(list(outs), pack)
+        assert ok, f'{family} {variant} ({name}): {report}'
+    return model

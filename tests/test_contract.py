@@ -1,11 +1,14 @@
 """The backbone contract, checked the same way for every registered family and variant:
 registry build from a config dict, strides/channels on non-square inputs, out_indices subsets,
 every trainable parameter receives a gradient (what DistributedDataParallel requires with
-find_unused_parameters=False, the mmdet/mmseg default), frozen stages receive none."""
+find_unused_parameters=False, the mmdet/mmseg default), frozen stages receive none; checkpoint
+errors (wrong variant, unrelated file, corrupt or missing file) are the same clear errors in every
+family."""
 import pytest
 import torch
 
 import effbackbones  # noqa: F401
+from effbackbones import CheckpointError
 from effbackbones.registry import MODELS
 
 FAMILIES = sorted(name for name, cls in MODELS.module_dict.items()
@@ -64,3 +67,62 @@ def test_bad_input_errors(family):
         model(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match='unknown'):
         MODELS.get(family)(arch='no-such-arch')
+
+
+# -------------------------------------------------------------------------------------------
+# checkpoint errors, the same for every family (pack folder -> registered class, the official
+# release wrapper, (file variant, model variant) pairs whose shapes differ)
+# -------------------------------------------------------------------------------------------
+CKPT_FAMILIES = {
+    'swiftformer': ('SwiftFormer', 'model', [('l1', 'xs')]),
+    'efficientformer': ('EfficientFormer', 'model', [('l3', 'l1')]),
+    'efficientformerv2': ('EfficientFormerV2', 'model', [('s1', 's0')]),
+    'levit': ('LeViT', 'model', [('128', '128s')]),
+    'mobileformer': ('MobileFormer', 'state_dict', [('151m', '294m'), ('26m', '52m'),
+                                                    ('96m', '151m')]),
+}
+WRONG_VARIANT = [(pack, a, b) for pack, (_, _, pairs) in CKPT_FAMILIES.items()
+                 for a, b in pairs]
+
+
+def _pretrained(path, **kw):
+    return dict(type='Pretrained', checkpoint=str(path), **kw)
+
+
+def _ckpt_model(pack_family, path, variant=None):
+    name, _, pairs = CKPT_FAMILIES[pack_family]
+    return MODELS.get(name)(variant or pairs[0][1], init_cfg=_pretrained(path))
+
+
+def test_checkpoint_families_cover_every_registered_family():
+    assert {v[0] for v in CKPT_FAMILIES.values()} == set(FAMILIES)
+
+
+@pytest.mark.parametrize('pack_family,file_variant,model_variant', WRONG_VARIANT)
+def test_wrong_variant_is_a_shape_error(pack_family, file_variant, model_variant, tmp_path):
+    from conftest import load_pack, random_cls_state_dict
+    _, wrapper, _ = CKPT_FAMILIES[pack_family]
+    path = tmp_path / f'{file_variant}.pth'
+    torch.save({wrapper: random_cls_state_dict(load_pack(pack_family, file_variant))}, path)
+    model = _ckpt_model(pack_family, path, model_variant)
+    with pytest.raises(CheckpointError, match='other shapes'):
+        model.init_weights()
+
+
+@pytest.mark.parametrize('pack_family', sorted(CKPT_FAMILIES))
+def test_unrelated_checkpoint_matches_nothing(pack_family, tmp_path):
+    path = tmp_path / 'resnet.pth'
+    torch.save({'state_dict': {'conv1.weight': torch.zeros(64, 3, 7, 7),
+                               'fc.weight': torch.zeros(10, 64)}}, path)
+    with pytest.raises(CheckpointError, match='Nothing in the checkpoint matches'):
+        _ckpt_model(pack_family, path).init_weights()
+
+
+@pytest.mark.parametrize('pack_family', sorted(CKPT_FAMILIES))
+def test_corrupt_and_missing_files(pack_family, tmp_path):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'not a checkpoint at all')
+    with pytest.raises(CheckpointError, match='corrupt'):
+        _ckpt_model(pack_family, bad).init_weights()
+    with pytest.raises(FileNotFoundError, match='checkpoint file not found'):
+        _ckpt_model(pack_family, tmp_path / 'nope.pth').init_weights()

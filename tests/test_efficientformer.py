@@ -13,7 +13,7 @@ from effbackbones.checkpoint import load_pretrained
 from effbackbones.models.efficientformer import Attention, EfficientFormer, Flat, Meta3D
 from effbackbones.models.attention_bias import offset_index
 
-from conftest import load_pack, make_weights, zero_state_dict
+from conftest import check_pack_parity, load_pack, make_weights, zero_state_dict
 
 VARIANTS = ['l1', 'l3', 'l7']
 WIDTHS = {'l1': (48, 96, 224, 448), 'l3': (64, 128, 320, 512), 'l7': (96, 192, 384, 768)}
@@ -87,29 +87,17 @@ def _param_count(model):
 # -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_parity_through_init_cfg_and_deploy(variant, tmp_path):
-    mw = make_weights()
-    pack = load_pack('efficientformer', variant)
-    sd = mw.state_dict_from_pack(pack)
-    ckpt = tmp_path / 'official_dense.pth'
-    torch.save({'model': sd}, ckpt)
-    model = EfficientFormer(variant, init_cfg=_pretrained(ckpt))
-    model.init_weights()
-    model.eval()
-    # official dense counts attention_biases_seg (a Parameter) but not the ImageNet table
-    # (a buffer there and here)
-    assert _param_count(model) == pack['params_dense']
-    assert model.out_channels == WIDTHS[variant]
-    x = mw.input_from_pack(pack)
-    with torch.no_grad():
-        outs = model(x)
-    ok, report = mw.compare_outputs(list(outs), pack)
-    assert ok, report
-    model.switch_to_deploy()
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    with torch.no_grad():
-        outs = model(x)
-    ok, report = mw.compare_outputs(list(outs), pack)
-    assert ok, report
+    def loaded(model, pack):
+        # official dense counts attention_biases_seg (a Parameter) but not the ImageNet table
+        # (a buffer there and here)
+        assert _param_count(model) == pack['params_dense']
+        assert model.out_channels == WIDTHS[variant]
+
+    def deployed(model, pack):
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+    check_pack_parity(EfficientFormer, 'efficientformer', variant, tmp_path,
+                      on_loaded=loaded, on_deploy=deployed)
 
 
 def test_parity_fails_with_a_permuted_seg_table():
@@ -650,24 +638,6 @@ def test_dense_checkpoint_in_pretrained_mode_ignores_seg_tables():
     load_pretrained(off, sd)
     rep = load_pretrained(EfficientFormer('l3'), off.state_dict())
     assert rep['layout'] == 'native' and not rep['new'] and not rep['ignored']
-
-
-def test_wrong_variant_is_a_shape_error(tmp_path):
-    pack = load_pack('efficientformer', 'l3')
-    path = tmp_path / 'l3.pth'
-    torch.save({'model': _random_cls_state_dict(pack)}, path)
-    model = EfficientFormer('l1', init_cfg=_pretrained(path))
-    with pytest.raises(CheckpointError, match='other shapes'):
-        model.init_weights()
-
-
-def test_unrelated_checkpoint_matches_nothing(tmp_path):
-    path = tmp_path / 'resnet.pth'
-    torch.save({'state_dict': {'conv1.weight': torch.zeros(64, 3, 7, 7),
-                               'fc.weight': torch.zeros(10, 64)}}, path)
-    model = EfficientFormer('l1', init_cfg=_pretrained(path))
-    with pytest.raises(CheckpointError, match='Nothing in the checkpoint matches'):
-        model.init_weights()
 
 
 def test_partial_checkpoint_is_an_error_unless_not_strict(tmp_path):

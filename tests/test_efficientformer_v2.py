@@ -15,7 +15,7 @@ from effbackbones.models.attention_bias import offset_index
 from effbackbones.models.efficientformer_v2 import EfficientFormerV2
 from effbackbones.models.layers import LayerScale2d
 
-from conftest import load_pack, make_weights, zero_state_dict
+from conftest import check_pack_parity, load_pack, make_weights, zero_state_dict
 
 VARIANTS = ['s0', 's1', 's2', 'l']
 WIDTHS = {'s0': (32, 48, 96, 176), 's1': (32, 48, 120, 224), 's2': (32, 64, 144, 288),
@@ -166,44 +166,35 @@ def _attention_grids(name, h, w):
 # -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_parity_through_init_cfg_and_deploy(variant, tmp_path):
-    mw = make_weights()
-    pack = _pack(variant)
-    sd = mw.state_dict_from_pack(pack)
-    ckpt = tmp_path / 'official_dense.pth'
-    torch.save({'model': sd}, ckpt)
-    model = EfficientFormerV2(variant, init_cfg=_pretrained(ckpt))
-    assert model.bias_mode == 'official' and not model.norm_eval
-    model.init_weights()
-    model.eval()
-    # the official count: the dense tables are Parameters, the ImageNet placeholders buffers
-    assert _n_params(model) == pack['params_dense']
-    names = {n for n, _ in model.named_parameters()}
-    assert not any(n.endswith('.attention_biases') for n in names)
-    assert sum(n.endswith('.attention_biases_seg') for n in names) == 2 * VIT_NUM[variant] + 1
-    # our index order equals the official index tables, and the per-axis gather of each dense
-    # table equals indexing it with the official buffer
-    for k, v in pack['int_buffers'].items():
-        if k.endswith('attention_bias_idxs_seg'):
-            m = model.get_submodule(official_to_timm_key(k).rsplit('.', 1)[0])
-            q_hw = tuple(math.ceil(s / m.q_stride) for s in m.dense_hw)
-            assert torch.equal(offset_index(q_hw, m.dense_hw, m.q_stride)[0], v), k
-            with torch.no_grad():
-                assert torch.equal(m.dense_bias_matrix(), m.attention_biases_seg[:, v]), k
-    x = mw.input_from_pack(pack)
-    with torch.no_grad():
-        outs = model(x)
-    assert isinstance(outs, tuple) and len(outs) == 4
-    ok, report = mw.compare_outputs(list(outs), pack)
-    assert ok, report
-    # deploy: every BN folded (stem, MLPs, attention projections, downsample), layer scales
-    # folded; the talking heads stay; outputs unchanged
-    model.switch_to_deploy()
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    assert not any(isinstance(m, LayerScale2d) for m in model.modules())
-    with torch.no_grad():
-        outs = model(x)
-    ok, report = mw.compare_outputs(list(outs), pack)
-    assert ok, report
+    def loaded(model, pack):
+        assert model.bias_mode == 'official' and not model.norm_eval
+        # the official count: the dense tables are Parameters, the ImageNet placeholders buffers
+        assert _n_params(model) == pack['params_dense']
+        names = {n for n, _ in model.named_parameters()}
+        assert not any(n.endswith('.attention_biases') for n in names)
+        assert sum(n.endswith('.attention_biases_seg') for n in names) == \
+            2 * VIT_NUM[variant] + 1
+        # our index order equals the official index tables, and the per-axis gather of each
+        # dense table equals indexing it with the official buffer
+        for k, v in pack['int_buffers'].items():
+            if k.endswith('attention_bias_idxs_seg'):
+                m = model.get_submodule(official_to_timm_key(k).rsplit('.', 1)[0])
+                q_hw = tuple(math.ceil(s / m.q_stride) for s in m.dense_hw)
+                assert torch.equal(offset_index(q_hw, m.dense_hw, m.q_stride)[0], v), k
+                with torch.no_grad():
+                    assert torch.equal(m.dense_bias_matrix(), m.attention_biases_seg[:, v]), k
+        with torch.no_grad():
+            outs = model(make_weights().input_from_pack(pack))
+        assert isinstance(outs, tuple) and len(outs) == 4
+
+    def deployed(model, pack):
+        # every BN folded (stem, MLPs, attention projections, downsample), layer scales
+        # folded; the talking heads stay; outputs unchanged
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert not any(isinstance(m, LayerScale2d) for m in model.modules())
+
+    check_pack_parity(EfficientFormerV2, 'efficientformerv2', variant, tmp_path,
+                      on_loaded=loaded, on_deploy=deployed)
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
@@ -589,21 +580,6 @@ def test_native_round_trip(tmp_path):
     again.init_weights()
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
-
-
-def test_wrong_variant_is_a_shape_error(tmp_path):
-    path = tmp_path / 's1.pth'
-    torch.save({'model': cls_state_dict(_pack('s1'))}, path)
-    with pytest.raises(CheckpointError, match='other shapes'):
-        EfficientFormerV2('s0', init_cfg=_pretrained(path)).init_weights()
-
-
-def test_unrelated_checkpoint_matches_nothing(tmp_path):
-    path = tmp_path / 'resnet.pth'
-    torch.save({'state_dict': {'conv1.weight': torch.zeros(64, 3, 7, 7),
-                               'fc.weight': torch.zeros(10, 64)}}, path)
-    with pytest.raises(CheckpointError, match='Nothing in the checkpoint matches'):
-        EfficientFormerV2('s0', init_cfg=_pretrained(path)).init_weights()
 
 
 def test_partial_checkpoint_is_an_error_unless_not_strict():

@@ -9,7 +9,7 @@ from effbackbones.models.attention_bias import (axis_offsets, gather_offset_bias
                                                 resize_bias_table, table_for_grid)
 from effbackbones.models.levit import LeViT, _BiasAttention
 
-from conftest import load_pack, make_weights, zero_state_dict
+from conftest import check_pack_parity, load_pack, make_weights, zero_state_dict
 
 VARIANTS = ['128s', '128', '192', '256', '384']
 CHANNELS = {'128s': (32, 64, 128, 256, 384), '128': (32, 64, 128, 256, 384),
@@ -52,29 +52,21 @@ def _model(arch='128s', seed=0, **kw):
 # -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_parity_through_init_cfg_and_deploy(variant, tmp_path, caplog):
-    mw = make_weights()
-    pack = load_pack('levit', variant)
-    sd = mw.state_dict_from_pack(pack)           # official layout, idx buffers and heads included
+    # the saved file is the official layout, idx buffers and heads included
+    sd = make_weights().state_dict_from_pack(load_pack('levit', variant))
     assert any(k.endswith('attention_bias_idxs') for k in sd)
-    ckpt = tmp_path / 'LeViT.pth'
-    torch.save({'model': sd}, ckpt)
-    model = LeViT(variant, out_indices=ALL, init_cfg=_pretrained(ckpt))
-    model.init_weights()
-    model.eval()
-    assert sum(p.numel() for p in model.parameters()) == pack['params_dense']
-    assert model.out_channels == CHANNELS[variant]
-    x = mw.input_from_pack(pack)
-    with torch.no_grad():
-        outs = model(x)
-    ok, report = mw.compare_outputs(list(outs), pack)
-    assert ok, report
-    # deploy: every Conv/Linear + BN pair folded, outputs unchanged
-    model.switch_to_deploy()
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    with torch.no_grad():
-        outs = model(x)
-    ok, report = mw.compare_outputs(list(outs), pack)
-    assert ok, report
+
+    def loaded(model, pack):
+        assert sum(p.numel() for p in model.parameters()) == pack['params_dense']
+        assert model.out_channels == CHANNELS[variant]
+
+    def deployed(model, pack):
+        # every Conv/Linear + BN pair folded, outputs unchanged
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                       for m in model.modules())
+
+    check_pack_parity(LeViT, 'levit', variant, tmp_path, on_loaded=loaded, on_deploy=deployed,
+                      out_indices=ALL)
 
 
 @pytest.mark.parametrize('impl', ['naive', 'sdpa', 'chunked'])
@@ -549,22 +541,13 @@ def test_timm_layout_parity_at_224():
     assert ok, report
 
 
-def test_wrong_variant_and_unrelated_files(tmp_path):
-    pack = load_pack('levit', '128')
-    path = tmp_path / 'LeViT-128.pth'
-    torch.save({'model': _cls_state_dict(pack)}, path)
-    with pytest.raises(CheckpointError, match='other shapes'):
-        LeViT('128s', init_cfg=_pretrained(path)).init_weights()
+def test_wrong_variant_in_timm_layout_is_a_shape_error(tmp_path):
+    # (the official layout, unrelated and corrupt files: tests/test_contract.py)
     pack = load_pack('levit', '256')
     timm_path = tmp_path / 'levit_256.pth'
     torch.save(_timm_state_dict(pack, _cls_state_dict(pack)), timm_path)
     with pytest.raises(CheckpointError, match='other shapes'):
         LeViT('192', init_cfg=_pretrained(timm_path)).init_weights()
-    bad = tmp_path / 'resnet.pth'
-    torch.save({'state_dict': {'conv1.weight': torch.zeros(64, 3, 7, 7),
-                               'fc.weight': torch.zeros(10, 64)}}, bad)
-    with pytest.raises(CheckpointError, match='Nothing in the checkpoint matches'):
-        LeViT('128s', init_cfg=_pretrained(bad)).init_weights()
 
 
 def test_partial_checkpoint_needs_strict_false(tmp_path):

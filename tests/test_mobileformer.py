@@ -8,7 +8,7 @@ from effbackbones.checkpoint import load_pretrained
 from effbackbones.models.mobileformer import MobileFormer
 from effbackbones.registry import MODELS
 
-from conftest import load_pack, make_weights, zero_state_dict
+from conftest import check_pack_parity, load_pack, make_weights, zero_state_dict
 
 VARIANTS = ['26m', '52m', '96m', '151m', '214m', '294m', '508m']
 CHANNELS = {'26m': (12, 24, 64, 96), '52m': (12, 24, 64, 96), '96m': (16, 32, 88, 128),
@@ -41,25 +41,20 @@ def _loaded(variant, tmp_path, **kw):
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_parity_through_init_cfg_eager_and_deploy(variant, tmp_path):
     """Authors' weights saved as their checkpoint saver does -> init_cfg -> same maps."""
-    mw = make_weights()
-    pack = load_pack('mobileformer', variant)
-    model = _loaded(variant, tmp_path)
-    assert sum(p.numel() for p in model.parameters()) == pack['params_dense']
-    x = mw.input_from_pack(pack)
-    with torch.no_grad():
-        outs = model(x)
-    ok, report = mw.compare_outputs(list(outs), pack)
-    assert ok, report
-    # deploy: every conv->BN pair folded (no BatchNorm left), dynamic ReLU untouched
-    n_hyper = sum(isinstance(m, nn.Linear) for m in model.modules())
-    model.switch_to_deploy()
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    assert sum(isinstance(m, nn.Linear) for m in model.modules()) == n_hyper
-    assert not model.training and model.deploy
-    with torch.no_grad():
-        outs = model(x)
-    ok, report = mw.compare_outputs(list(outs), pack)
-    assert ok, report
+    n_hyper = []
+
+    def loaded(model, pack):
+        assert sum(p.numel() for p in model.parameters()) == pack['params_dense']
+        n_hyper.append(sum(isinstance(m, nn.Linear) for m in model.modules()))
+
+    def deployed(model, pack):
+        # every conv->BN pair folded (no BatchNorm left), dynamic ReLU untouched
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        assert sum(isinstance(m, nn.Linear) for m in model.modules()) == n_hyper[0]
+        assert not model.training and model.deploy
+
+    check_pack_parity(MobileFormer, 'mobileformer', variant, tmp_path, wrapper='state_dict',
+                      on_loaded=loaded, on_deploy=deployed)
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
@@ -345,22 +340,8 @@ def test_effbackbones_and_detector_checkpoints_load(tmp_path):
                                src.features[4].global_local.k.weight)
 
 
-@pytest.mark.parametrize('file_variant,model_variant', [('151m', '294m'), ('26m', '52m'),
-                                                        ('96m', '151m')])
-def test_wrong_variant_is_a_shape_error(file_variant, model_variant, tmp_path):
-    path = tmp_path / 'other.pth'
-    torch.save({'state_dict': _cls_state_dict(file_variant)}, path)
-    model = MobileFormer(model_variant, init_cfg=_pretrained(path))
-    with pytest.raises(CheckpointError, match='other shapes'):
-        model.init_weights()
-
-
-def test_unrelated_and_partial_checkpoints(tmp_path):
-    path = tmp_path / 'resnet.pth'
-    torch.save({'state_dict': {'conv1.weight': torch.zeros(64, 3, 7, 7),
-                               'fc.weight': torch.zeros(10, 64)}}, path)
-    with pytest.raises(CheckpointError, match='Nothing in the checkpoint matches'):
-        MobileFormer('26m', init_cfg=_pretrained(path)).init_weights()
+def test_partial_checkpoint_is_an_error_unless_not_strict(tmp_path):
+    # (wrong variant, unrelated and corrupt files: tests/test_contract.py)
     sd = {k: v for k, v in _cls_state_dict('26m').items() if not k.startswith('features.8.')}
     path = tmp_path / 'partial.pth'
     torch.save({'state_dict': sd}, path)

@@ -1,5 +1,4 @@
 """SwiftFormer: parity with the official code, contract, checkpoints, deploy."""
-import os.path as osp
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ import torch
 from effbackbones import CheckpointError
 from effbackbones.models import SwiftFormer
 
-from conftest import load_pack, make_weights, zero_state_dict
+from conftest import check_pack_parity, load_pack, zero_state_dict
 
 VARIANTS = ['xs', 's', 'l1', 'l3']
 WIDTHS = {'xs': (48, 56, 112, 220), 's': (48, 64, 168, 224), 'l1': (48, 96, 192, 384),
@@ -20,29 +19,17 @@ def _pretrained(path, **kw):
 
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_parity_through_init_cfg(variant, tmp_path):
-    """Official dense weights saved as the repo releases them -> init_cfg -> same outputs."""
-    mw = make_weights()
-    pack = load_pack('swiftformer', variant)
-    sd = mw.state_dict_from_pack(pack)
-    ckpt = tmp_path / 'official.pth'
-    torch.save({'model': sd}, ckpt)
-    model = SwiftFormer(variant, init_cfg=_pretrained(ckpt))
-    model.init_weights()
-    model.eval()
-    assert sum(p.numel() for p in model.parameters()) == pack['params_dense']
-    x = mw.input_from_pack(pack)
-    with torch.no_grad():
-        outs = model(x)
-    ok, report = mw.compare_outputs(list(outs), pack)
-    assert ok, report
-    # deploy: BN and layer scales folded, outputs unchanged
-    model.switch_to_deploy()
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for n, m in model.named_modules()
-                   if not n.startswith('out_norms'))
-    with torch.no_grad():
-        outs = model(x)
-    ok, report = mw.compare_outputs(list(outs), pack)
-    assert ok, report
+    """Official dense weights saved as the repo releases them -> init_cfg -> same outputs,
+    eager and after deploy (BN and layer scales folded)."""
+    def loaded(model, pack):
+        assert sum(p.numel() for p in model.parameters()) == pack['params_dense']
+
+    def deployed(model, pack):
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for n, m in model.named_modules()
+                       if not n.startswith('out_norms'))
+
+    check_pack_parity(SwiftFormer, 'swiftformer', variant, tmp_path,
+                      on_loaded=loaded, on_deploy=deployed)
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
@@ -249,24 +236,6 @@ def _values_in_timm_order(pack, cls_sd):
     return [by_timm[k] for k in _timm_order_keys(pack)]
 
 
-def test_wrong_variant_is_a_shape_error(tmp_path):
-    pack = load_pack('swiftformer', 'l1')
-    path = tmp_path / 'l1.pth'
-    torch.save({'model': _cls_state_dict(pack)}, path)
-    model = SwiftFormer('xs', init_cfg=_pretrained(path))
-    with pytest.raises(CheckpointError, match='other shapes'):
-        model.init_weights()
-
-
-def test_unrelated_checkpoint_matches_nothing(tmp_path):
-    path = tmp_path / 'resnet.pth'
-    torch.save({'state_dict': {'conv1.weight': torch.zeros(64, 3, 7, 7),
-                               'fc.weight': torch.zeros(10, 64)}}, path)
-    model = SwiftFormer('xs', init_cfg=_pretrained(path))
-    with pytest.raises(CheckpointError, match='Nothing in the checkpoint matches'):
-        model.init_weights()
-
-
 def test_partial_checkpoint_is_an_error_unless_not_strict(tmp_path):
     pack = load_pack('swiftformer', 'xs')
     sd = _cls_state_dict(pack)
@@ -278,15 +247,6 @@ def test_partial_checkpoint_is_an_error_unless_not_strict(tmp_path):
     model = SwiftFormer('xs', init_cfg=_pretrained(path, strict=False))
     model.init_weights()
     torch.testing.assert_close(model.stem[0].weight, sd['patch_embed.0.weight'])
-
-
-def test_corrupt_and_missing_files(tmp_path):
-    bad = tmp_path / 'bad.pth'
-    bad.write_bytes(b'not a checkpoint at all')
-    with pytest.raises(CheckpointError, match='corrupt'):
-        SwiftFormer('xs', init_cfg=_pretrained(bad)).init_weights()
-    with pytest.raises(FileNotFoundError, match='checkpoint file not found'):
-        SwiftFormer('xs', init_cfg=_pretrained(tmp_path / 'nope.pth')).init_weights()
 
 
 class _Evil:
