@@ -35,6 +35,28 @@ def make_weights():
     return mod
 
 
+def official_bias_idxs(resolution, q_resolution=None, q_step=1):
+    """An attention-bias index table built the way the official LeViT / EfficientFormer code
+    builds it (``itertools.product`` over grid points, offsets numbered in order of first
+    appearance): kept independent of ``effbackbones.models.attention_bias`` on purpose.
+
+    ``q_resolution``/``q_step``: queries on a coarser grid, each at ``q_step`` key positions
+    (subsampled attention, e.g. EfficientFormerV2's ``Attention4DDownsample``).
+    """
+    import itertools
+    q_resolution = q_resolution or resolution
+    keys = list(itertools.product(range(resolution), range(resolution)))
+    queries = list(itertools.product(range(q_resolution), range(q_resolution)))
+    offsets, idxs = {}, []
+    for qy, qx in queries:
+        for ky, kx in keys:
+            off = (abs(qy * q_step - ky), abs(qx * q_step - kx))
+            if off not in offsets:
+                offsets[off] = len(offsets)
+            idxs.append(offsets[off])
+    return torch.tensor(idxs).view(len(queries), len(keys))
+
+
 _PACKS = {}
 
 

@@ -1,7 +1,6 @@
 """EfficientFormer v1: parity with the official dense code, the 'pretrained' bias mode against the
 official classification attention, contract, checkpoint layouts, bias cache, deploy."""
 import copy
-import itertools
 import re
 
 import pytest
@@ -13,7 +12,8 @@ from effbackbones.checkpoint import load_pretrained
 from effbackbones.models.efficientformer import Attention, EfficientFormer, Flat, Meta3D
 from effbackbones.models.attention_bias import offset_index
 
-from conftest import check_pack_parity, load_pack, make_weights, zero_state_dict
+from conftest import (check_pack_parity, load_pack, make_weights, official_bias_idxs,
+                      zero_state_dict)
 
 VARIANTS = ['l1', 'l3', 'l7']
 WIDTHS = {'l1': (48, 96, 224, 448), 'l3': (64, 128, 320, 512), 'l7': (96, 192, 384, 768)}
@@ -32,26 +32,12 @@ def _close(out, ref, rel=2e-4):
     return bool(((out - ref).abs() <= bound).all())
 
 
-def _official_cls_idx(resolution=7):
-    """The official classification index table, built as the official code does."""
-    points = list(itertools.product(range(resolution), range(resolution)))
-    offsets, idxs = {}, []
-    for p1 in points:
-        for p2 in points:
-            off = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
-            if off not in offsets:
-                offsets[off] = len(offsets)
-            idxs.append(offsets[off])
-    n = len(points)
-    return torch.tensor(idxs).view(n, n)
-
-
 def _cls_from_dense(pack, seed=7):
     """Released-classification layout filled with the dense pack's weights; random ImageNet
     bias tables (the dense pack has only placeholders there) and random head/final norm."""
     g = torch.Generator().manual_seed(seed)
     dense = make_weights().state_dict_from_pack(pack)
-    idx = _official_cls_idx()
+    idx = official_bias_idxs(7)
     sd = {}
     for k, shape, dtype in pack['cls_manifest']:
         if k.endswith('.attention_biases'):
@@ -73,7 +59,7 @@ def _random_cls_state_dict(pack, seed=3):
             sd[k] = torch.randn(v.shape, generator=g)
             if k.endswith('running_var'):
                 sd[k] = sd[k].abs() + 0.5
-    sd = {k: (_official_cls_idx() if k.endswith('attention_bias_idxs') else v)
+    sd = {k: (official_bias_idxs(7) if k.endswith('attention_bias_idxs') else v)
           for k, v in sd.items()}
     return sd
 
@@ -132,7 +118,7 @@ def test_seg_gather_equals_official_index():
     # and no (625, 625) int64 index is held by the model (the gather is per axis)
     assert not any(b.dtype == torch.long and b.numel() > 1 for a in attns for b in a.buffers())
     # the classification table too: |dy| * 7 + |dx| is the official insertion order
-    assert torch.equal(offset_index((7, 7))[0], _official_cls_idx())
+    assert torch.equal(offset_index((7, 7))[0], official_bias_idxs(7))
 
 
 def test_official_bias_is_resized_bicubically_to_token_count():
@@ -161,7 +147,7 @@ def _reference_cls_stage4(x, sd, depth, num_vit):
     """Independent functional re-statement of the official classification code from the
     stride-16 map to the stage-4 tokens (downsample, Meta4D, Flat, Meta3D with
     ``attention_biases[:, attention_bias_idxs]``, idx built with itertools.product)."""
-    idx = _official_cls_idx()
+    idx = official_bias_idxs(7)
     x = F.conv2d(x, sd['network.5.proj.weight'], sd['network.5.proj.bias'], stride=2, padding=1)
     x = _bn(x, sd, 'network.5.norm.')
     b, c, h, w = x.shape
@@ -224,7 +210,7 @@ def test_pretrained_mode_at_224_is_the_classification_model(variant, tmp_path):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
     # at the 7x7 pretraining grid nothing is resized: the gathered bias IS the official gather
-    idx = _official_cls_idx()
+    idx = official_bias_idxs(7)
     blocks = [b for b in model.stages[3].blocks if isinstance(b, Meta3D)]
     assert len(blocks) == NUM_VIT[variant]
     first = DEPTHS[variant][3] - NUM_VIT[variant] + 1
@@ -532,7 +518,7 @@ def test_cache_is_cleared_after_load_pretrained_and_to():
     fresh = attn._bias_cache[key]
     assert not torch.equal(stale, fresh)
     assert torch.equal(fresh, cls_sd['network.6.4.token_mixer.attention_biases'][
-        :, _official_cls_idx()])
+        :, official_bias_idxs(7)])
     model.double()
     assert not attn._bias_cache
     with torch.no_grad():
@@ -580,7 +566,7 @@ def test_released_classification_checkpoint_loads(wrapper, prefix, tmp_path):
         if bias_mode == 'pretrained':
             assert torch.equal(a.attention_bias((7, 7), (7, 7)),
                                sd['network.6.4.token_mixer.attention_biases'][
-                                   :, _official_cls_idx()])
+                                   :, official_bias_idxs(7)])
 
 
 def _official_to_timm_key(k):

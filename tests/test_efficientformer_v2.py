@@ -15,7 +15,8 @@ from effbackbones.models.attention_bias import offset_index
 from effbackbones.models.efficientformer_v2 import EfficientFormerV2
 from effbackbones.models.layers import LayerScale2d
 
-from conftest import check_pack_parity, load_pack, make_weights, zero_state_dict
+from conftest import (check_pack_parity, load_pack, make_weights, official_bias_idxs,
+                      zero_state_dict)
 
 VARIANTS = ['s0', 's1', 's2', 'l']
 WIDTHS = {'s0': (32, 48, 96, 176), 's1': (32, 48, 120, 224), 's2': (32, 64, 144, 288),
@@ -39,45 +40,17 @@ def _n_params(model):
 # -------------------------------------------------------------------------------------------
 # independent re-statements of the official code (for checks only)
 # -------------------------------------------------------------------------------------------
-def official_attention4d_idxs(resolution):
-    """``Attention4D`` index table, written like the official itertools code."""
-    points = list(itertools.product(range(resolution), range(resolution)))
-    offsets, idxs = {}, []
-    for p1 in points:
-        for p2 in points:
-            off = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
-            if off not in offsets:
-                offsets[off] = len(offsets)
-            idxs.append(offsets[off])
-    return torch.tensor(idxs).view(len(points), len(points))
-
-
-def official_downsample_idxs(resolution):
-    """``Attention4DDownsample`` index table, written like the official itertools code."""
-    res2 = math.ceil(resolution / 2)
-    step = math.ceil(resolution / res2)
-    points = list(itertools.product(range(resolution), range(resolution)))
-    points_ = list(itertools.product(range(res2), range(res2)))
-    offsets, idxs = {}, []
-    for p1 in points_:
-        for p2 in points:
-            off = (abs(p1[0] * step - p2[0] + 0.0), abs(p1[1] * step - p2[1] + 0.0))
-            if off not in offsets:
-                offsets[off] = len(offsets)
-            idxs.append(offsets[off])
-    return torch.tensor(idxs).view(len(points_), len(points))
-
-
 def cls_int_buffers(manifest):
     """The ``attention_bias_idxs`` of a released ImageNet checkpoint (official values)."""
     out = {}
     for k, shape, _ in manifest:
         if k.endswith('attention_bias_idxs'):
-            nq, nk = shape
-            if nq == nk:
-                out[k] = official_attention4d_idxs(math.isqrt(nk))
-            else:
-                out[k] = official_downsample_idxs(math.isqrt(nk))
+            res = math.isqrt(shape[1])
+            if shape[0] == shape[1]:
+                out[k] = official_bias_idxs(res)
+            else:   # Attention4DDownsample: queries on the ceil(res / 2) grid
+                res2 = math.ceil(res / 2)
+                out[k] = official_bias_idxs(res, res2, math.ceil(res / res2))
     return out
 
 
