@@ -1,6 +1,6 @@
 # Mask R-CNN + Mobile-Former-214M + FPN, COCO 1x. Recipe OURS (the paper has no Mask R-CNN run):
 # the EfficientFormer one, AdamW lr 2e-4, wd 1e-4, 12 epochs (steps 8/11), 500 linear warm-up
-# iterations from ratio 1e-6, batch 2 x 8 GPUs, 1333x800; BatchNorms train (per-GPU BN).
+# iterations from ratio 1e-3, batch 2 x 8 GPUs, 1333x800; BatchNorms train (per-GPU BN).
 _base_ = ['./_base_/maskrcnn_efficientformer_recipe.py']
 
 model = dict(

@@ -1,7 +1,8 @@
 # Mask R-CNN + FPN, COCO 1x, AdamW: the recipe shared by the EfficientFormer / SwiftFormer papers
-# (official configs: AdamW lr 2e-4, 12 epochs, steps at 8 and 11, 500 linear warm-up iterations,
-# 2 images x 8 GPUs = batch 16, 1333x800). Family configs set the backbone, the FPN in_channels,
-# the weight decay and the warm-up ratio where their paper differs.
+# (official EfficientFormer configs: AdamW lr 2e-4, 12 epochs, steps at 8 and 11, 500 linear
+# warm-up iterations, 2 images x 8 GPUs = batch 16, 1333x800). Family configs / recipe files set
+# the backbone, the FPN in_channels, and the weight decay, warm-up ratio and batch where their
+# paper differs (SwiftFormer: total batch 32, maskrcnn_swiftformer_recipe.py).
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
