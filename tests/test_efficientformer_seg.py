@@ -72,8 +72,31 @@ def test_seg_config_backbone_matches_official_ade20k_backbone(pack_family, famil
     def deployed(model, pack):
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
+    # the released ADE20K files are mmseg runner files: weights under 'state_dict'
     check_pack_parity(_build_from_config(family), pack_family, variant, tmp_path,
-                      on_loaded=loaded, on_deploy=deployed)
+                      wrapper='state_dict', on_loaded=loaded, on_deploy=deployed)
+
+
+@pytest.mark.parametrize('pack_family,family,variant', [V1[0], V2[0]],
+                         ids=lambda x: x if isinstance(x, str) else None)
+def test_seg_config_loads_the_backbone_of_an_mmseg_runner_file(pack_family, family, variant,
+                                                               tmp_path):
+    """The backbone part of a file laid out as the released ADE20K checkpoints (mmseg 0.x
+    runner file: ``meta``, ``state_dict`` with ``backbone.`` keys, ``optimizer``) loads
+    completely through the config's ``init_cfg`` and gives the official outputs."""
+    mw = make_weights()
+    pack = load_pack(pack_family, variant)
+    path = tmp_path / f'{family}_{variant}_ade20k.pth'
+    torch.save({'meta': {'mmseg_version': '0.19.0', 'iter': 40000},
+                'state_dict': {'backbone.' + k: v
+                               for k, v in mw.state_dict_from_pack(pack).items()},
+                'optimizer': {'state': {}, 'param_groups': []}}, path)
+    model = _build_from_config(family)(variant, dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    with torch.no_grad():
+        outs = model.eval()(mw.input_from_pack(pack))
+    ok, report = mw.compare_outputs(list(outs), pack)
+    assert ok, report
 
 
 def test_seg_gather_equals_official_index_on_the_16_grid():
