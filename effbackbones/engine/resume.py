@@ -95,9 +95,10 @@ class _DataPosition:
         return number, skip
 
 
-class _PositionedBatches:
-    """Put in front of the train loader's batch sampler class (the loader does not let its
-    sampler be replaced): numbers the batches, skips the trained ones, tags the rest."""
+def _positioned_class(cls):
+    """A subclass of the train loader's batch sampler class (the loader does not let its
+    sampler be replaced, so the instance changes class): numbers the batches, skips the trained
+    ones, tags the rest with their seed key."""
 
     def __iter__(self):
         position = self._effb_position
@@ -107,16 +108,17 @@ class _PositionedBatches:
         buckets = getattr(self, '_aspect_ratio_buckets', None)
         if buckets is not None:
             self._aspect_ratio_buckets = [[] for _ in buckets]
-        for batch_index, batch in enumerate(super().__iter__()):
+        for batch_index, batch in enumerate(cls.__iter__(self)):
             if batch_index >= skip:
                 yield SeededBatch(batch, (position.seed, position.rank, number, batch_index))
 
+    return type(cls.__name__, (cls,), {'__iter__': __iter__, '__module__': cls.__module__,
+                                       '_effb_positioned': True})
+
 
 def _position_batches(batch_sampler, position):
-    cls = type(batch_sampler)
-    if not issubclass(cls, _PositionedBatches):
-        batch_sampler.__class__ = type(cls.__name__, (_PositionedBatches, cls),
-                                       {'__module__': cls.__module__})
+    if not getattr(batch_sampler, '_effb_positioned', False):
+        batch_sampler.__class__ = _positioned_class(type(batch_sampler))
     batch_sampler._effb_position = position
 
 
