@@ -83,6 +83,11 @@ def diagnose_unreadable(path, exc):
             f'nor its legacy format ({size} bytes, starting with {head[:8]!r})')
 
 
+# What torch.load raises on damaged bytes (the legacy reader unpickles whatever it finds).
+UNREADABLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError,
+                     IndexError, AttributeError, TypeError)
+
+
 def holds_foreign_objects(path, exc):
     """True when a weights-only load failed on a well-formed file because it pickles types
     outside the allow-list (not because the bytes are damaged)."""
@@ -146,9 +151,8 @@ def load_checkpoint_file(path, map_location='cpu', allow_unsafe=False, check_non
                 f"pass allow_unsafe=True (init_cfg=dict(type='Pretrained', checkpoint=..., "
                 f'allow_unsafe=True)), or re-save it with tools/convert_checkpoint.py. '
                 f'Details: {str(exc).splitlines()[0]}') from None
-        if isinstance(exc, (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError,
-                            KeyError, IndexError, AttributeError, TypeError)):
-            raise CheckpointError(f'could not read {path}: {diagnose_unreadable(path, exc)}.'
+        if isinstance(exc, UNREADABLE_ERRORS):
+            raise CheckpointError(f'corrupt checkpoint {path}: {diagnose_unreadable(path, exc)}.'
                                   ) from None
         raise
     if check_nonfinite:
@@ -331,6 +335,7 @@ def rename_keys(state_dict, rules, layout):
     return out
 
 
-__all__ = ['CheckpointError', 'SAFE_CHECKPOINT_GLOBALS', 'load_checkpoint_file', 'check_finite',
+__all__ = ['CheckpointError', 'SAFE_CHECKPOINT_GLOBALS', 'UNREADABLE_ERRORS', 'load_checkpoint_file',
+           'check_finite',
            'nonfinite_tensors', 'diagnose_unreadable', 'holds_foreign_objects',
            'unwrap_state_dict', 'strip_prefix', 'load_pretrained', 'LayoutDict', 'rename_keys']

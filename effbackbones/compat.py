@@ -74,8 +74,8 @@ def _patch_local_loader():
         from mmengine.runner.checkpoint import CheckpointLoader
     except Exception:  # pragma: no cover
         return
-    from .checkpoint import CheckpointError, check_finite, diagnose_unreadable, \
-        holds_foreign_objects
+    from .checkpoint import (UNREADABLE_ERRORS, CheckpointError, check_finite,
+                             diagnose_unreadable, holds_foreign_objects)
 
     def load_from_local(filename, map_location):
         filename = os.path.expanduser(filename)
@@ -93,9 +93,8 @@ def _patch_local_loader():
                         f'EFFB_TRUST_CHECKPOINTS=1 to load it with weights_only=False. '
                         f'Details: {str(exc).splitlines()[-3:]}') from None
                 ckpt = torch.load(filename, map_location=map_location, weights_only=False)
-            elif isinstance(exc, (pickle.UnpicklingError, RuntimeError, EOFError, ValueError,
-                                  OSError)):
-                raise CheckpointError(f'could not read {filename}: '
+            elif isinstance(exc, UNREADABLE_ERRORS):
+                raise CheckpointError(f'corrupt checkpoint {filename}: '
                                       f'{diagnose_unreadable(filename, exc)}.') from None
             else:
                 raise
