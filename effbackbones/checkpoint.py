@@ -336,6 +336,5 @@ def rename_keys(state_dict, rules, layout):
 
 
 __all__ = ['CheckpointError', 'SAFE_CHECKPOINT_GLOBALS', 'UNREADABLE_ERRORS', 'load_checkpoint_file',
-           'check_finite',
-           'nonfinite_tensors', 'diagnose_unreadable', 'holds_foreign_objects',
+           'check_finite', 'nonfinite_tensors', 'diagnose_unreadable', 'holds_foreign_objects',
            'unwrap_state_dict', 'strip_prefix', 'load_pretrained', 'LayoutDict', 'rename_keys']
