@@ -44,6 +44,7 @@ _STEP_STREAM = 0x5EED
 _SAMPLE_STREAM = 0xDA7A
 _META_KEY = 'exact_resume'
 _FORMAT_VERSION = 1
+_NOT_RECORDED = 'not recorded'
 
 
 def _seed_words(*key):
@@ -196,13 +197,13 @@ class ExactResumeHook(Hook):
         checkpoint.setdefault('meta', {})[_META_KEY] = self._record(runner)
 
     def after_load_checkpoint(self, runner, checkpoint):
-        self._resumed_from = checkpoint.get('meta', {}).get(_META_KEY, 'absent')
+        self._resumed_from = checkpoint.get('meta', {}).get(_META_KEY, _NOT_RECORDED)
 
     def _check_resumed_record(self, runner):
         saved, self._resumed_from = self._resumed_from, None
         if saved is None or runner.iter == 0:
             return                                        # a fresh run (or weights-only load)
-        if saved == 'absent':
+        if saved == _NOT_RECORDED:
             print_log('ExactResumeHook: the resumed checkpoint was written without this hook; '
                       'training continues from it, but the random streams and data order before '
                       'it differ from what this hook gives, so the result is not the one of an '
