@@ -11,6 +11,7 @@ Without it a diverged run keeps going and its checkpoints fill with NaN. With it
   ``'skip'`` a non-finite loss is also passed to it, so that it can lower the scale;
 * a checkpoint holding non-finite tensors is never written.
 """
+import functools
 import math
 
 import torch
@@ -90,6 +91,7 @@ class DivergenceGuardHook(Hook):
         amp = isinstance(wrapper, AmpOptimWrapper)
         backward, step = wrapper.backward, wrapper.step
 
+        @functools.wraps(backward)
         def guarded_backward(loss, **kwargs):
             finite = _agreed(bool(torch.isfinite(loss.detach()).all()), loss.device)
             if finite:
@@ -98,6 +100,8 @@ class DivergenceGuardHook(Hook):
             if amp and hook.action == 'skip':
                 return backward(loss, **kwargs)  # the loss scaler skips it, lowers the scale
 
+        # wraps: keeps the mark of mmengine's scheduler step counter (else it warns)
+        @functools.wraps(step)
         def guarded_step(**kwargs):
             if hook._problem is not None and not (amp and hook.action == 'skip'):
                 return None                      # not applied; update_params zeroes the grads
