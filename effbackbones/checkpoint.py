@@ -20,6 +20,7 @@ import os
 import os.path as osp
 import pickle
 import re
+import zipfile
 from collections import OrderedDict
 
 import torch
@@ -56,32 +57,107 @@ def _resolve_path(path):
     return path
 
 
-def load_checkpoint_file(path, map_location='cpu', allow_unsafe=False):
+# The pickle that the legacy (non-zip) torch.save format starts with: protocol 2, the magic number.
+_LEGACY_TORCH_HEADER = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19'
+
+
+def diagnose_unreadable(path, exc):
+    """Why ``torch.load`` could not read ``path``, as a sentence (for corrupt-file errors)."""
+    size = osp.getsize(path)
+    if size == 0:
+        return 'the file is empty (0 bytes)'
+    with open(path, 'rb') as f:
+        head = f.read(len(_LEGACY_TORCH_HEADER))
+    detail = f'{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}'
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if not any(n.endswith('data.pkl') for n in archive.namelist()):
+                return 'it is a zip archive, but not one that torch.save wrote (no data.pkl)'
+        return f'its zip archive (torch.save format, {size} bytes) is damaged ({detail})'
+    if head.startswith(b'PK'):
+        return (f'it starts like a torch.save zip archive but its end is missing or damaged '
+                f'({size} bytes): the file is truncated (an interrupted write or copy)')
+    if head == _LEGACY_TORCH_HEADER:
+        return f'it is a legacy-format torch file that is damaged or truncated ({detail})'
+    return (f'it is not a PyTorch checkpoint: neither the zip archive that torch.save writes '
+            f'nor its legacy format ({size} bytes, starting with {head[:8]!r})')
+
+
+# What torch.load raises on damaged bytes (the legacy reader unpickles whatever it finds).
+UNREADABLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError,
+                     IndexError, AttributeError, TypeError)
+
+
+def holds_foreign_objects(path, exc):
+    """True when a weights-only load failed on a well-formed file because it pickles types
+    outside the allow-list (not because the bytes are damaged)."""
+    return (isinstance(exc, pickle.UnpicklingError) and 'Unsupported global' in str(exc) and
+            (zipfile.is_zipfile(path) or diagnose_unreadable(path, exc).startswith(
+                'it is a legacy-format')))
+
+
+def nonfinite_tensors(obj, prefix=''):
+    """Names (dotted paths) of the floating-point tensors in nested dicts / lists of ``obj``
+    that hold NaN or Inf, with how many of their values are not finite."""
+    found = []
+    if torch.is_tensor(obj):
+        if (obj.is_floating_point() or obj.is_complex()) and obj.numel():
+            bad = int((~torch.isfinite(obj)).sum())
+            if bad:
+                found.append(f'{prefix or "<tensor>"} ({bad}/{obj.numel()} values NaN/Inf)')
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            found += nonfinite_tensors(v, f'{prefix}.{k}' if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found += nonfinite_tensors(v, f'{prefix}.{i}' if prefix else str(i))
+    return found
+
+
+def check_finite(obj, source):
+    """Raise :class:`CheckpointError` naming every tensor of ``obj`` that holds NaN / Inf."""
+    bad = nonfinite_tensors(obj)
+    if bad:
+        more = f' ... (+{len(bad) - 10} more)' if len(bad) > 10 else ''
+        raise CheckpointError(
+            f'{source} holds non-finite values (NaN/Inf) in {len(bad)} tensors: '
+            f'{", ".join(bad[:10])}{more}. It was written by a diverged run or is damaged; use '
+            f'an earlier checkpoint.')
+
+
+def load_checkpoint_file(path, map_location='cpu', allow_unsafe=False, check_nonfinite=True):
     """Read a checkpoint file with ``torch.load(weights_only=True)``.
 
     Only tensors, containers, primitive types and :data:`SAFE_CHECKPOINT_GLOBALS` are accepted.
     A file that needs anything else (arbitrary pickled objects can run code) raises
-    :class:`CheckpointError` unless ``allow_unsafe=True`` is given for a file you trust.
+    :class:`CheckpointError` unless ``allow_unsafe=True`` is given for a file you trust. So do a
+    file that is empty, truncated or not a PyTorch checkpoint, and (``check_nonfinite``) one
+    whose tensors hold NaN or Inf.
     """
     path = _resolve_path(path)
-    if allow_unsafe:
-        print_log(f'loading {path} with weights_only=False (allow_unsafe=True): only do this '
-                  f'for files you trust', logger='current', level=30)
-        return torch.load(path, map_location=map_location, weights_only=False)
     try:
-        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f'{path} holds objects outside the weights-only allow-list, so it was not loaded '
-            f'(unpickling arbitrary objects can execute code). If you trust the file, pass '
-            f"allow_unsafe=True (init_cfg=dict(type='Pretrained', checkpoint=..., "
-            f'allow_unsafe=True)), or re-save it with tools/convert_checkpoint.py. '
-            f'Details: {str(exc).splitlines()[0]}') from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(
-            f'could not read {path}: it is corrupt, truncated or not a PyTorch checkpoint '
-            f'({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}).') from None
+        if allow_unsafe:
+            print_log(f'loading {path} with weights_only=False (allow_unsafe=True): only do '
+                      f'this for files you trust', logger='current', level=30)
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (torch raises many types for damaged files)
+        if holds_foreign_objects(path, exc):
+            raise CheckpointError(
+                f'{path} holds objects outside the weights-only allow-list, so it was not '
+                f'loaded (unpickling arbitrary objects can execute code). If you trust the file, '
+                f"pass allow_unsafe=True (init_cfg=dict(type='Pretrained', checkpoint=..., "
+                f'allow_unsafe=True)), or re-save it with tools/convert_checkpoint.py. '
+                f'Details: {str(exc).splitlines()[0]}') from None
+        if isinstance(exc, UNREADABLE_ERRORS):
+            raise CheckpointError(f'corrupt checkpoint {path}: {diagnose_unreadable(path, exc)}.'
+                                  ) from None
+        raise
+    if check_nonfinite:
+        check_finite(ckpt, path)
+    return ckpt
 
 
 def _is_state_dict(obj):
@@ -259,5 +335,6 @@ def rename_keys(state_dict, rules, layout):
     return out
 
 
-__all__ = ['CheckpointError', 'SAFE_CHECKPOINT_GLOBALS', 'load_checkpoint_file',
+__all__ = ['CheckpointError', 'SAFE_CHECKPOINT_GLOBALS', 'UNREADABLE_ERRORS', 'load_checkpoint_file',
+           'check_finite', 'nonfinite_tensors', 'diagnose_unreadable', 'holds_foreign_objects',
            'unwrap_state_dict', 'strip_prefix', 'load_pretrained', 'LayoutDict', 'rename_keys']

@@ -14,6 +14,11 @@ own training checkpoints with a plain ``torch.load``, so ``--resume`` broke in t
 A checkpoint written by an unpatched mmengine still holds those ``getattr`` calls: loading it
 raises a clear error, and ``EFFB_TRUST_CHECKPOINTS=1`` loads it with ``weights_only=False``
 (only for files you trust).
+
+Reliability (see docs/reliability.md): the local loader also reports an empty, truncated or
+non-PyTorch file as corrupt (the allow-list message is kept for files that really pickle other
+types) and refuses tensors holding NaN / Inf; checkpoints are written atomically (temporary file,
+fsync, rename); and auto-resume passes over a damaged latest checkpoint to the previous good one.
 """
 import argparse
 import collections
@@ -69,23 +74,67 @@ def _patch_local_loader():
         from mmengine.runner.checkpoint import CheckpointLoader
     except Exception:  # pragma: no cover
         return
+    from .checkpoint import (UNREADABLE_ERRORS, CheckpointError, check_finite,
+                             diagnose_unreadable, holds_foreign_objects)
 
     def load_from_local(filename, map_location):
         filename = os.path.expanduser(filename)
         if not os.path.isfile(filename):
             raise FileNotFoundError(f'{filename} can not be found.')
         try:
-            return torch.load(filename, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if os.environ.get('EFFB_TRUST_CHECKPOINTS') == '1':
-                return torch.load(filename, map_location=map_location, weights_only=False)
-            raise pickle.UnpicklingError(
-                f'{filename} holds objects outside the weights-only allow-list (e.g. a '
-                f'checkpoint written by mmengine without effbackbones imported, which pickles '
-                f'bound methods). If you trust the file, set EFFB_TRUST_CHECKPOINTS=1 to load '
-                f'it with weights_only=False. Details: {str(exc).splitlines()[-3:]}') from None
+            ckpt = torch.load(filename, map_location=map_location, weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (torch raises many types for damaged files)
+            if holds_foreign_objects(filename, exc):
+                if os.environ.get('EFFB_TRUST_CHECKPOINTS') != '1':
+                    raise pickle.UnpicklingError(
+                        f'{filename} holds objects outside the weights-only allow-list (e.g. a '
+                        f'checkpoint written by mmengine without effbackbones imported, which '
+                        f'pickles bound methods). If you trust the file, set '
+                        f'EFFB_TRUST_CHECKPOINTS=1 to load it with weights_only=False. '
+                        f'Details: {str(exc).splitlines()[-3:]}') from None
+                ckpt = torch.load(filename, map_location=map_location, weights_only=False)
+            elif isinstance(exc, UNREADABLE_ERRORS):
+                raise CheckpointError(f'corrupt checkpoint {filename}: '
+                                      f'{diagnose_unreadable(filename, exc)}.') from None
+            else:
+                raise
+        check_finite(ckpt, filename)
+        return ckpt
 
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+
+
+def _patch_atomic_checkpoint_writes():
+    """mmengine writes checkpoints with ``LocalBackend.put`` (open + write in place): a kill
+    during the write left a truncated file under the final name."""
+    try:
+        from mmengine.fileio.backends.local_backend import LocalBackend
+    except Exception:  # pragma: no cover
+        return
+    if getattr(LocalBackend.put, '_effb_atomic', False):
+        return
+    from .engine.checkpoint_files import atomic_write_bytes
+
+    def put(self, obj, filepath):
+        atomic_write_bytes(obj, filepath)
+
+    put._effb_atomic = True
+    put.__doc__ = 'Write bytes to ``filepath`` atomically (temporary file, fsync, rename).'
+    LocalBackend.put = put
+
+
+def _patch_auto_resume():
+    """``--resume`` without a path: skip a damaged latest checkpoint for the previous good one."""
+    import importlib
+    from .engine.checkpoint_files import find_resumable_checkpoint
+    for name in ('mmengine.runner', 'mmengine.runner.checkpoint', 'mmengine.runner.runner',
+                 'mmengine.runner._flexible_runner'):
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # pragma: no cover - optional parts of mmengine
+            continue
+        if hasattr(module, 'find_latest_checkpoint'):
+            module.find_latest_checkpoint = find_resumable_checkpoint
 
 
 SAFE_GLOBALS = _safe_globals()
@@ -97,6 +146,8 @@ def install():
         torch.serialization.add_safe_globals(SAFE_GLOBALS)
     _patch_history_buffer()
     _patch_local_loader()
+    _patch_atomic_checkpoint_writes()
+    _patch_auto_resume()
 
 
 install()

@@ -4,7 +4,11 @@
     python tools/train.py configs/maskrcnn_swiftformer_l1.py [--work-dir DIR] [--amp]
         [--resume [CKPT]] [--auto-scale-lr] [--cfg-options k=v ...] [--launcher pytorch]
 
-The toolbox (mmdet or mmseg) is picked from the config's ``default_scope``. Several processes:
+The toolbox (mmdet or mmseg) is picked from the config's ``default_scope``. Training is
+crash-safe (docs/reliability.md): ``effbackbones.ExactResumeHook`` and
+``effbackbones.DivergenceGuardHook`` are added when the config does not list them, checkpoints
+are written atomically, ``--resume`` continues bit-identically and passes over a damaged latest
+checkpoint; a diverged run exits with status 3. Several processes:
 ``bash tools/dist_train.sh CONFIG NUM_PROCS`` (torch.distributed through mmengine; nccl on GPUs,
 gloo on CPU-only machines).
 """
@@ -66,10 +70,34 @@ def main(argv=None):
                    else ('train_dataloader',))
     check_pretrained_files(cfg)
 
+    add_reliability_hooks(cfg)
+
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+
+    from effbackbones.checkpoint import CheckpointError
+    from effbackbones.engine import TrainingDiverged
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.train()
+    try:
+        runner.train()
+    except TrainingDiverged as exc:
+        print(f'ERROR: {exc}', file=sys.stderr)
+        sys.exit(3)
+    except CheckpointError as exc:
+        raise SystemExit(f'ERROR: {exc}')
+
+
+RELIABILITY_HOOKS = ('ExactResumeHook', 'DivergenceGuardHook')
+
+
+def add_reliability_hooks(cfg):
+    """Our configs list both hooks (configs/_base_); other configs get them here."""
+    hooks = list(cfg.get('custom_hooks') or [])
+    listed = {str(h.get('type', '')).split('.')[-1] for h in hooks if isinstance(h, dict)}
+    for name in RELIABILITY_HOOKS:
+        if name not in listed:
+            hooks.append(dict(type=f'effbackbones.{name}'))
+    cfg.custom_hooks = hooks
 
 
 if __name__ == '__main__':

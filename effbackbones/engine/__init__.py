@@ -1,3 +1,5 @@
+from .guard import DivergenceGuardHook, TrainingDiverged
 from .hooks import DeployHook
+from .resume import ExactResumeHook
 
-__all__ = ['DeployHook']
+__all__ = ['DeployHook', 'DivergenceGuardHook', 'ExactResumeHook', 'TrainingDiverged']
