@@ -1,3 +1,4 @@
 from .hooks import DeployHook
+from .strict_load import StrictLoadHook
 
-__all__ = ['DeployHook']
+__all__ = ['DeployHook', 'StrictLoadHook']

@@ -1,0 +1,286 @@
+"""The official released dense checkpoints (EfficientFormer / EfficientFormerV2 COCO Mask R-CNN,
+ADE20K Semantic FPN) in our configs: whole-model conversion, ``tools/test.py CONFIG FILE`` and
+``load_from`` on the released file, the backbone-only ``init_cfg`` path, and loud failures.
+
+The released files are synthesised the way the official runs wrote them (mmdet 2.19 / mmseg 0.19
+runner files: ``meta`` with ``CLASSES``, ``state_dict``, mmcv's ``optimizer``): the backbone
+part is a reference pack's official dense state dict (``backbone.patch_embed``/``network``/
+``norm*``, ``attention_biases_seg``, the ``attention_bias_idxs*`` buffers), the neck and heads
+are random tensors under the names of the config's model (mmdet 3 / mmseg 1 kept the mmdet 2 /
+mmseg 0 module names of these heads, see ``convert_model_checkpoint``).
+"""
+import json
+import os
+import os.path as osp
+import re
+import shutil
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from conftest import REPO, load_pack, make_weights
+
+PY = sys.executable
+DET = 'configs/maskrcnn_efficientformer_l1.py'
+SEG = 'configs/semfpn_efficientformerv2_s0.py'
+PACKS = {DET: ('efficientformer', 'l1'), SEG: ('efficientformerv2', 's0')}
+
+
+def _build(config):
+    from mmengine.config import Config
+    from effbackbones.utils.launch import build_model
+    return build_model(Config.fromfile(osp.join(REPO, config)))
+
+
+def _pack_for(model, family, variant):
+    """The reference pack whose dense bias grids fit the config's backbone: the segmentation
+    pack (ADE20K grids) where the config builds them, else the detection pack."""
+    mw = make_weights()
+    own = model.backbone.state_dict()
+    for fam in (family + '_seg', family):
+        if not osp.isfile(osp.join(osp.dirname(mw.__file__), fam, f'{variant}.pt')):
+            continue
+        pack = load_pack(fam, variant)
+        sd = model.backbone.checkpoint_filter_fn(mw.state_dict_from_pack(pack))
+        if all(k not in own or own[k].shape == v.shape for k, v in sd.items()):
+            return pack
+    raise AssertionError(f'no {family} {variant} pack fits the backbone of the config')
+
+
+def official_release(model, pack, toolbox, seed=5):
+    """A runner file laid out as the official dense releases (see the module doc)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = OrderedDict(('backbone.' + k, v)
+                     for k, v in make_weights().state_dict_from_pack(pack).items())
+    for k, v in model.state_dict().items():
+        if k.startswith('backbone.'):
+            continue
+        if k.endswith('running_var'):
+            sd[k] = 1 + 0.1 * torch.rand(v.shape, generator=g)
+        elif v.is_floating_point():
+            sd[k] = 0.02 * torch.randn(v.shape, generator=g)
+        else:
+            sd[k] = torch.zeros_like(v)
+    if toolbox == 'mmdet':
+        from mmdet.datasets import CocoDataset
+        meta = dict(mmdet_version='2.19.0', CLASSES=CocoDataset.METAINFO['classes'],
+                    epoch=12, iter=87936)
+    else:
+        from mmseg.datasets import ADE20KDataset
+        meta = dict(mmseg_version='0.19.0', CLASSES=ADE20KDataset.METAINFO['classes'],
+                    PALETTE=[list(c) for c in ADE20KDataset.METAINFO['palette']], iter=40000)
+    meta.update(mmcv_version='1.4.0', config='# the official mmdet 2 / mmseg 0 config text',
+                env_info='sys.platform: linux', seed=0, hook_msgs=dict(last_ckpt='latest.pth'),
+                time='Thu Jun  2 10:00:00 2022')
+    optimizer = dict(state={0: dict(step=torch.tensor(100.0), exp_avg=torch.zeros(4),
+                                    exp_avg_sq=torch.zeros(4))},
+                     param_groups=[dict(lr=2e-6, betas=(0.9, 0.999), eps=1e-8,
+                                        weight_decay=1e-4, amsgrad=False, params=[0])])
+    return dict(meta=meta, state_dict=sd, optimizer=optimizer)
+
+
+@pytest.fixture(scope='module')
+def releases(tmp_path_factory):
+    """config -> (model, pack, path of the synthesised official release)."""
+    out = {}
+    root = tmp_path_factory.mktemp('releases')
+    for config, toolbox in ((DET, 'mmdet'), (SEG, 'mmseg')):
+        model = _build(config)
+        pack = _pack_for(model, *PACKS[config])
+        path = root / (osp.basename(config)[:-3] + '_official.pth')
+        torch.save(official_release(model, pack, toolbox), path)
+        out[config] = (model, pack, str(path))
+    return out
+
+
+def _convert_tool(argv):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'effb_convert_checkpoint', osp.join(REPO, 'tools', 'convert_checkpoint.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(argv)
+
+
+@pytest.mark.parametrize('config', [DET, SEG])
+def test_convert_release_loads_strictly_with_parity_and_classes(config, releases, tmp_path,
+                                                                  capsys):
+    model, pack, src = releases[config]
+    dst = str(tmp_path / 'converted.pth')
+    assert _convert_tool([src, dst, '--config', config]) == 0
+    printed = capsys.readouterr().out
+    own = model.state_dict()
+    assert re.search(rf'matched   : {len(own)}/{len(own)} model tensors', printed), printed
+    assert 'missing   : 0' in printed and 'unexpected: 0' in printed
+    assert 'layout: backbone. ' in printed and ' official' in printed
+    assert re.search(r'ignored   : \d+  \(backbone\..*attention_bias_idxs', printed), printed
+
+    ckpt = torch.load(dst, weights_only=True)
+    assert set(ckpt) == {'meta', 'state_dict'}                  # mmcv's optimizer dropped
+    original = torch.load(src, weights_only=True)
+    assert ckpt['meta']['dataset_meta']['classes'] == tuple(original['meta']['CLASSES'])
+    assert ckpt['meta']['mmcv_version'] == '1.4.0'               # the rest of meta is kept
+    model.load_state_dict(ckpt['state_dict'], strict=True)
+    for k, v in original['state_dict'].items():                 # neck / heads: same names
+        if not k.startswith('backbone.'):
+            assert torch.equal(ckpt['state_dict'][k], v), k
+    # the backbone inside the whole model gives the official dense outputs
+    mw = make_weights()
+    model.eval()
+    with torch.no_grad():
+        outs = model.backbone(mw.input_from_pack(pack))
+    ok, rep = mw.compare_outputs(list(outs), pack)
+    assert ok, rep
+
+
+def test_partial_or_mismatched_release_is_an_error_naming_the_tensors(releases):
+    from effbackbones.checkpoint import CheckpointError, convert_model_checkpoint
+    model, _, src = releases[DET]
+    release = torch.load(src, weights_only=True)
+    sd = release['state_dict']
+    sd.pop('roi_head.mask_head.conv_logits.weight')
+    sd.pop('backbone.network.6.4.token_mixer.attention_biases_seg')
+    sd['rpn_head.extra.weight'] = torch.zeros(3)
+    with pytest.raises(CheckpointError) as err:
+        convert_model_checkpoint(model, release, name='partial.pth')
+    msg = str(err.value)
+    assert 'missing   : 2' in msg and 'unexpected: 1' in msg
+    for name in ('roi_head.mask_head.conv_logits.weight', 'rpn_head.extra.weight',
+                 'backbone.stages.3.blocks.4.token_mixer.attention_biases_seg'):
+        assert name in msg, msg
+    assert '--load-not-strict' in msg
+    # another number of classes: a shape mismatch, named with both shapes
+    release = torch.load(src, weights_only=True)
+    w = release['state_dict']['roi_head.bbox_head.fc_cls.weight']
+    release['state_dict']['roi_head.bbox_head.fc_cls.weight'] = w[:21]
+    with pytest.raises(CheckpointError, match=r'roi_head\.bbox_head\.fc_cls\.weight: file '
+                                              r'\(21, 1024\) vs model \(81, 1024\)'):
+        convert_model_checkpoint(model, release)
+    # the explicit opt-out loads the rest and leaves the mismatched tensor out
+    new, report = convert_model_checkpoint(model, release, strict=False)
+    assert 'roi_head.bbox_head.fc_cls.weight' not in new['state_dict']
+    assert [k for k, _, _ in report['mismatched']] == ['roi_head.bbox_head.fc_cls.weight']
+
+
+def test_own_mmengine_checkpoint_passes_through_for_resume(releases):
+    """What our training saves (mmengine layout, optimizer + message hub) is unchanged, so
+    load_from / --resume keep working with the hook in place."""
+    from effbackbones.checkpoint import convert_model_checkpoint
+    model, _, _ = releases[SEG]
+    ours = dict(meta=dict(epoch=1, iter=4, dataset_meta=dict(classes=('a', 'b'))),
+                state_dict=OrderedDict(model.state_dict()),
+                optimizer=dict(state={}, param_groups=[]), message_hub=dict(log_scalars={}))
+    new, report = convert_model_checkpoint(model, ours)
+    assert set(new) == set(ours) and new['optimizer'] is ours['optimizer']
+    assert list(new['state_dict']) == list(ours['state_dict']) and not report['ignored']
+    assert new['meta']['dataset_meta'] == dict(classes=('a', 'b'))
+
+
+@pytest.mark.parametrize('config', [DET, SEG])
+def test_init_cfg_pretrained_takes_the_whole_release(config, releases):
+    """Backbone-only path: the full runner file (neck, heads, meta, optimizer) gives the
+    backbone part, every backbone tensor matched, official outputs."""
+    from effbackbones.checkpoint import load_pretrained
+    model, pack, src = releases[config]
+    cls = type(model.backbone)
+    kw = {k: getattr(model.backbone, k) for k in ('bias_grid',) if hasattr(model.backbone, k)}
+    backbone = cls(model.backbone.arch_name, init_cfg=dict(type='Pretrained', checkpoint=src),
+                   **kw)
+    backbone.init_weights()
+    report = load_pretrained(backbone, src)
+    assert report['wrapper'] == 'state_dict' and report['layout'] == 'official'
+    assert not report['missing'] and not report['unexpected'] and not report['new']
+    mw = make_weights()
+    with torch.no_grad():
+        ok, rep = mw.compare_outputs(list(backbone.eval()(mw.input_from_pack(pack))), pack)
+    assert ok, rep
+
+
+@pytest.mark.parametrize('config', [DET, SEG])
+def test_pretrained_bias_mode_refuses_dense_tables_in_both_families(config, releases):
+    """One policy for v1 and V2: a dense file's tables are what its weights were trained with,
+    so bias_mode='pretrained' (ImageNet tables) refuses the file instead of dropping them."""
+    from effbackbones.checkpoint import CheckpointError, load_pretrained
+    model, _, src = releases[config]
+    backbone = type(model.backbone)(model.backbone.arch_name, bias_mode='pretrained')
+    with pytest.raises(CheckpointError, match=r"attention_biases_seg.*bias_mode='official'"):
+        load_pretrained(backbone, src)
+
+
+# -------------------------------------------------------------------------------------------
+# tools/test.py CONFIG RELEASED_FILE on tiny datasets in the official folder layouts
+# -------------------------------------------------------------------------------------------
+def _run(args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+@pytest.fixture(scope='module')
+def official_layout_data(tmp_path_factory):
+    """3 shapes images as COCO 2017 (``annotations/instances_val2017.json``, ``val2017/``;
+    the COCO category list, shapes labelled person / bicycle / car) and as ADEChallengeData2016
+    (``images/validation``, ``annotations/validation``)."""
+    from mmdet.datasets import CocoDataset
+    from effbackbones.datasets.synthetic import make_shapes_dataset
+    root = tmp_path_factory.mktemp('official_data')
+    shapes = str(root / 'shapes')
+    make_shapes_dataset(shapes, num_train=1, num_val=3, size=(128, 160), max_objects=2)
+    coco = root / 'coco'
+    shutil.copytree(osp.join(shapes, 'coco', 'val'), coco / 'val2017')
+    with open(osp.join(shapes, 'coco', 'annotations', 'instances_val.json')) as f:
+        ann = json.load(f)
+    ann['categories'] = [dict(id=i + 1, name=c)
+                         for i, c in enumerate(CocoDataset.METAINFO['classes'])]
+    os.makedirs(coco / 'annotations')
+    with open(coco / 'annotations' / 'instances_val2017.json', 'w') as f:
+        json.dump(ann, f)
+    ade = root / 'ade' / 'ADEChallengeData2016'
+    shutil.copytree(osp.join(shapes, 'seg', 'img_dir', 'val'), ade / 'images' / 'validation')
+    shutil.copytree(osp.join(shapes, 'seg', 'ann_dir', 'val'),
+                    ade / 'annotations' / 'validation')
+    return dict(coco=str(coco) + '/', ade=str(ade) + '/')
+
+
+def _test_opts(config, data):
+    if config == DET:
+        return ['--cfg-options', f'test_dataloader.dataset.data_root={data["coco"]}',
+                f'test_evaluator.ann_file={data["coco"]}annotations/instances_val2017.json',
+                'test_dataloader.dataset.pipeline.1.scale=(320,256)',
+                'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False']
+    return ['--cfg-options', f'test_dataloader.dataset.data_root={data["ade"]}',
+            'test_dataloader.dataset.pipeline.1.scale=(320,256)',
+            'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config', [DET, SEG])
+def test_tools_test_takes_the_released_file(config, releases, official_layout_data, tmp_path):
+    model, _, src = releases[config]
+    proc = _run([PY, 'tools/test.py', config, src, '--work-dir', str(tmp_path)]
+                + _test_opts(config, official_layout_data))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    n = len(model.state_dict())
+    assert re.search(rf'matched   : {n}/{n} model tensors', out), out[-5000:]
+    assert 'missing   : 0' in out and 'unexpected: 0' in out
+    assert 'do not match exactly' not in out
+    metric = r'coco/bbox_mAP: -?[\d.]+' if config == DET else r'mIoU: [\d.]+'
+    assert re.search(metric, out), out[-3000:]
+
+
+@pytest.mark.slow
+def test_tools_test_refuses_a_partial_file(releases, official_layout_data, tmp_path):
+    _, _, src = releases[SEG]
+    release = torch.load(src, weights_only=True)
+    release['state_dict'].pop('decode_head.conv_seg.weight')
+    bad = tmp_path / 'partial.pth'
+    torch.save(release, bad)
+    proc = _run([PY, 'tools/test.py', SEG, str(bad), '--work-dir', str(tmp_path)]
+                + _test_opts(SEG, official_layout_data))
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert 'missing   : 1  (decode_head.conv_seg.weight)' in proc.stderr
+    assert 'mIoU' not in proc.stdout + proc.stderr
