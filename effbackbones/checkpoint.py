@@ -13,6 +13,16 @@ The path a user takes is ``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` -
 5. refuses to leave random weights behind silently: shape mismatches, an empty match, backbone
    tensors missing from the file or tensors the backbone does not know are errors
    (``strict=False`` turns the last two into warnings).
+
+Whole models (a detector / segmentor checkpoint: ``load_from``, ``tools/test.py``,
+``tools/convert_checkpoint.py --config``) go through :func:`convert_model_checkpoint`: the part
+under each effbackbones backbone is converted by that backbone's ``checkpoint_filter_fn``, the
+rest is kept, and anything that does not fit the model is an error naming the tensors
+(``effbackbones.StrictLoadHook`` applies it inside mmengine runners).
+
+Every family's ``checkpoint_filter_fn`` is an ordered list of renaming rules applied by
+:func:`rename_keys`; :func:`reject_dense_tables` is the one policy for dense bias tables under
+``bias_mode='pretrained'``.
 """
 import argparse
 import fnmatch

@@ -10,6 +10,10 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
 ]
 custom_imports = dict(imports=['effbackbones'], allow_failed_imports=False)
+# every checkpoint the runner loads (load_from, tools/test.py CHECKPOINT, resume) is converted
+# from the official dense layout where needed and must fit the model completely: missing,
+# unexpected or shape-mismatched tensors are an error naming them (opt out: strict=False)
+custom_hooks = [dict(type='effbackbones.StrictLoadHook')]
 
 model = dict(
     # every effbackbones backbone needs sides that are multiples of 32

@@ -2,7 +2,7 @@
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
-from ..checkpoint import convert_model_checkpoint
+from ..checkpoint import CheckpointError, convert_model_checkpoint
 from ..registry import HOOKS
 
 
@@ -21,6 +21,11 @@ class StrictLoadHook(Hook):
     unexpected or shape-mismatched tensors are a ``CheckpointError`` naming them. Our own
     mmengine checkpoints pass through unchanged (resume keeps its optimizer and message hub).
 
+    The class names the file was trained with (``meta.dataset_meta`` / mmdet 2's
+    ``meta.CLASSES``) are compared with those of the runner's dataset: the same names in another
+    order is an error (every class would be scored as another one); other differences (renamed
+    or other classes, e.g. fine-tuning on a new dataset) are logged as a warning.
+
     Our configs add it (``configs/_base_`` task files); ``tools/train.py`` / ``tools/test.py``
     add it to any config that lacks it. ``strict=False`` (``--load-not-strict``) turns the
     errors into warnings and leaves mismatched tensors out.
@@ -37,3 +42,31 @@ class StrictLoadHook(Hook):
                                                    or '<checkpoint>'))
         checkpoint.clear()
         checkpoint.update(new)
+        self._check_classes(runner, (new['meta'].get('dataset_meta') or {}).get('classes'))
+
+    def _check_classes(self, runner, file_classes):
+        ours = _dataset_classes(runner)
+        if not file_classes or not ours or tuple(file_classes) == ours:
+            return
+        file_classes = tuple(file_classes)
+        first = next((i for i, (a, b) in enumerate(zip(file_classes, ours)) if a != b),
+                     min(len(file_classes), len(ours)))
+        msg = (f'the checkpoint was trained with {len(file_classes)} classes and the dataset '
+               f'has {len(ours)}; they first differ at index {first}: '
+               f'{file_classes[first:first + 3]} (file) vs {ours[first:first + 3]} (dataset)')
+        if sorted(file_classes) == sorted(ours) and self.strict:
+            raise CheckpointError(f'{msg}. Same classes in another order: every prediction '
+                                  f'would be scored as another class. Set the dataset '
+                                  f"metainfo=dict(classes=...) in the file's order.")
+        runner.logger.warning(msg)
+
+
+def _dataset_classes(runner):
+    """Class names of the dataset the runner is about to use (built loops only)."""
+    for attr in ('_test_loop', '_val_loop', '_train_loop'):
+        loop = getattr(runner, attr, None)
+        dataset = getattr(getattr(loop, 'dataloader', None), 'dataset', None)
+        classes = (getattr(dataset, 'metainfo', None) or {}).get('classes')
+        if classes:
+            return tuple(classes)
+    return None

@@ -32,7 +32,9 @@ Attention biases, two modes (``bias_mode``):
   (non-square too) with the rule shared with LeViT and EfficientFormer v1
   (:mod:`.attention_bias`): per dimension cropped where the runtime side is smaller or equal (the
   learned values stay exact), resized bicubically where larger; then gathered with the (strided)
-  offset index. At 224x224 input this is exactly the classification model.
+  offset index. At 224x224 input this is exactly the classification model. A file holding
+  dense tables (an official dense release) is an error in this mode: its weights were trained
+  with those tables (policy shared with v1: :func:`~effbackbones.checkpoint.reject_dense_tables`).
 """
 import math
 
