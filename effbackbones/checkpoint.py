@@ -342,10 +342,11 @@ def convert_model_checkpoint(model, checkpoint, strict=True, name=None, logger='
     heads, so their checkpoints load unchanged (mmdetection#9779).
 
     The report (logged) lists matched / ignored / missing / unexpected / shape-mismatched
-    tensors. Shape mismatches, and with ``strict`` (default) missing or unexpected tensors, are
-    a :class:`CheckpointError` naming them: a model is never evaluated or trained from a
-    partial load. With ``strict=False`` they are warnings and the mismatched tensors are left
-    out. ``num_batches_tracked`` may be absent (it is bookkeeping).
+    tensors. With ``strict`` (default) any missing, unexpected or shape-mismatched tensor is a
+    :class:`CheckpointError` naming them: a model is never evaluated or trained from a partial
+    load. ``strict=False`` (the explicit opt-out, e.g. fine-tuning on other classes) makes them
+    warnings and leaves the mismatched tensors out. A file matching nothing is always an error.
+    ``num_batches_tracked`` may be absent (it is bookkeeping).
 
     Returns ``(new_checkpoint, report)``: ``new_checkpoint`` holds ``state_dict`` (our layout)
     and ``meta`` with ``dataset_meta`` (class names from ``meta.CLASSES`` of an mmdet 2 /
@@ -359,17 +360,19 @@ def convert_model_checkpoint(model, checkpoint, strict=True, name=None, logger='
     own = model.state_dict()
     converted, ignored, layouts = OrderedDict(), [], []
     backbones = effbackbones_modules(model)
+    parts = [OrderedDict() for _ in backbones]
     for k, v in state_dict.items():
-        if not any(k.startswith(p) for p, _ in backbones if p):
-            converted[k] = v
-    for prefix, bb in backbones:
-        part = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items()
-                           if k.startswith(prefix))
+        owner = next((i for i, (p, _) in enumerate(backbones) if k.startswith(p)), None)
+        if owner is None:
+            converted[k] = v            # neck / heads: mmdet 2 / mmseg 0 names are ours
+        else:
+            parts[owner][k[len(backbones[owner][0]):]] = v
+    for (prefix, bb), part in zip(backbones, parts):
         if not part:
             continue
         part = bb.checkpoint_filter_fn(part)
-        layouts.append(f'{prefix or "<root>"} {type(bb).__name__}({bb.arch_name!r}) '
-                       f'{getattr(part, "layout", "native")}')
+        layouts.append(f'{type(bb).__name__}({bb.arch_name!r}) at {prefix or "<root>"!r}, '
+                       f'{getattr(part, "layout", "native")} layout')
         patterns = getattr(bb, 'ignored_key_patterns', ())
         for k, v in part.items():
             if prefix + k not in own and _match_any(k, patterns):
@@ -387,7 +390,7 @@ def convert_model_checkpoint(model, checkpoint, strict=True, name=None, logger='
     m_bb = sum(1 for k in matched if any(k.startswith(p) for p, _ in backbones))
     lines = [f'[{model_name}] loading {name}: wrapper={wrapper!r}, '
              f'{len(state_dict)} tensors in the file'
-             + (f'; backbone layout: {", ".join(layouts)}' if layouts else ''),
+             + (f'; backbone {", ".join(layouts)}' if layouts else ''),
              f'  matched   : {len(matched)}/{len(own)} model tensors '
              f'(backbone {m_bb}/{n_bb}, rest {len(matched) - m_bb}/{len(own) - n_bb})',
              f'  ignored   : {len(ignored)}' + (f'  ({_summarise(ignored)})' if ignored else ''),
