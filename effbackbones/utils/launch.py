@@ -125,9 +125,15 @@ def _iter_init_cfgs(node):
 
 
 def check_pretrained_files(cfg):
-    """Exit early, with the fix, when an ImageNet checkpoint named in the config is missing."""
+    """Exit early, with the fix, when an ImageNet checkpoint named in the config is missing.
+
+    With ``resume`` / ``load_from`` the checkpoint provides every weight (StrictLoadHook), so
+    the backbone's ImageNet ``init_cfg`` is dropped instead: its file need not exist."""
     if cfg.get('resume') or cfg.get('load_from'):
-        return  # weights come from the resumed / loaded checkpoint
+        backbone = cfg.get('model', {}).get('backbone')
+        if backbone is not None and backbone.get('init_cfg') is not None:
+            backbone.init_cfg = None
+        return
     for init_cfg in _iter_init_cfgs(cfg.get('model', {})):
         ckpt = init_cfg.get('checkpoint')
         if init_cfg.get('type') == 'Pretrained' and isinstance(ckpt, str) and \
