@@ -7,7 +7,8 @@ _base_ = ['./_base_/maskrcnn_efficientformerv2_recipe.py']
 model = dict(
     backbone=dict(
         type='effbackbones.EfficientFormerV2', arch='l', drop_path_rate=0.1,
-        # the official dense code: attention_biases_seg tables at resolution 800, learnt from zeros
+        # the official detection backbone (detection/backbonev2.py): attention_biases_seg tables
+        # at resolution 800 (bias_grid default 25), learnt from zeros
         bias_mode='official',
         norm_eval=False,
         # ImageNet-1k weights released by snap-research/EfficientFormer

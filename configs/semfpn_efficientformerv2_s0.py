@@ -7,7 +7,10 @@ _base_ = ['./_base_/semfpn_efficientformerv2_recipe.py']
 model = dict(
     backbone=dict(
         type='effbackbones.EfficientFormerV2', arch='s0', drop_path_rate=0.0,
-        bias_mode='official',
+        # the official ADE20K backbone (segmentation/backbonev2.py, resolution 512): dense tables
+        # on 16x16 stage grids and a 32x32 key grid in the attention downsample ((8, 256) and
+        # (8, 1024)), not the detection resolution 800 (25x25 / 50x50)
+        bias_mode='official', bias_grid=16,
         norm_eval=False,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/eformer_s0_450.pth')),
     neck=dict(in_channels=[32, 48, 96, 176]))

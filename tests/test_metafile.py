@@ -29,15 +29,23 @@ def test_every_paper_config_is_listed_once():
         assert osp.splitext(osp.basename(m['Config']))[0] == m['Name']
 
 
+#: backbone options that change the architecture, hence the recorded params / FLOPs: the
+#: figures are measured with the config's value (e.g. the ADE20K bias grid of EfficientFormer)
+ARCH_OPTIONS = ('bias_grid',)
+
+
 @functools.lru_cache(maxsize=None)
-def _measure(class_name, arch):
-    """(params, FLOPs) at 224 from tools/get_flops.py, once per backbone variant."""
+def _measure(class_name, arch, options=()):
+    """(params, FLOPs) at 224 with tools/get_flops.py's counter, once per backbone variant and
+    architecture options (a tuple of (name, value) pairs)."""
+    import torch
     import effbackbones  # noqa: F401
     from effbackbones.registry import MODELS
     spec = importlib.util.spec_from_file_location('get_flops', osp.join(REPO, 'tools/get_flops.py'))
     gf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gf)
-    (_, _, params, flops), = gf.backbone_rows(MODELS.get(class_name), [arch], (224, 224), False)
+    model = MODELS.get(class_name)(arch=arch, **dict(options))
+    flops, params = gf.count(model, (torch.randn(1, 3, 224, 224),))
     return params, flops
 
 
@@ -53,9 +61,12 @@ def test_recorded_params_and_flops_are_current(model):
         MODELS.get(bb['type'].split('.')[-1]).__init__).parameters.items()}
     extra = {k: v for k, v in bb.items()
              if k not in ('type', 'arch', 'init_cfg', 'drop_path_rate', 'out_indices',
-                          'norm_eval', 'frozen_stages', 'with_cp') and defaults.get(k) != v}
+                          'norm_eval', 'frozen_stages', 'with_cp') + ARCH_OPTIONS
+             and defaults.get(k) != v}
     assert not extra, f'metafile figures assume default options, config sets {extra}'
-    params, flops = _measure(bb['type'].split('.')[-1], bb['arch'])
+    options = tuple(sorted((k, bb[k]) for k in ARCH_OPTIONS
+                           if k in bb and defaults.get(k) != bb[k]))
+    params, flops = _measure(bb['type'].split('.')[-1], bb['arch'], options)
     meta = model['Metadata']
     assert meta['BackboneParams(M)'] == pytest.approx(params / 1e6, abs=6e-4)
     assert meta['BackboneGFLOPs@224'] == pytest.approx(flops / 1e9, abs=6e-4)

@@ -19,13 +19,18 @@ exist, and both live here once:
     cropped or resized: the bias is bit-for-bit the classification model's gather.
 
 ``'official'`` (the official EfficientFormer v1 / V2 dense code)
-    A separate table ``attention_biases_seg`` over the offsets of a fixed dense grid (25 x 25, or
-    50 x 50 for the V2 downsample) is gathered into the ``(heads, Nq0, Nk0)`` matrix of that grid
+    A separate table ``attention_biases_seg`` over the offsets of a fixed dense grid is gathered
+    into the ``(heads, Nq0, Nk0)`` matrix of that grid
     (:meth:`RelPosBiasAttention.dense_bias_matrix`), and that *matrix* is resized bicubically to
     the runtime ``(Nq, Nk)`` (:func:`resize_dense_bias`), as the official code does (it resizes the
     flattened token axes, not a 2-D grid). The ImageNet table ``attention_biases`` is kept as a
     persistent, non-trainable buffer: loaded and saved, never used, and never a parameter without
-    gradient under DDP.
+    gradient under DDP. The fixed grid is set by ``bias_grid`` (:func:`check_bias_grid`), the side
+    of the stride-32 token grid the official files lay the tables out on: 25 in the detection
+    backbones (``detection/backbone.py`` ``Attention(resolution=25)``, ``backbonev2.py``
+    resolution 800: 25 x 25 stage tables, a 50 x 50 key grid in the V2 downsample), 16 in the
+    ADE20K segmentation backbones (``segmentation/backbone.py`` ``Attention(resolution=16)``,
+    ``backbonev2.py`` resolution 512: 16 x 16 and 32 x 32).
 
 Cache: in eval mode the bias of each input size is kept in a bounded LRU (:class:`BiasCache`), so
 variable test sizes cannot grow memory without limit. It is used only when no gradient can be
@@ -42,6 +47,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BIAS_MODES = ('official', 'pretrained')
+#: ``bias_grid`` of the official dense backbones: detection (Mask R-CNN) and ADE20K segmentation
+DETECTION_BIAS_GRID = 25
+SEGMENTATION_BIAS_GRID = 16
+
+
+def check_bias_grid(bias_grid, bias_mode):
+    """Validate the ``bias_grid`` argument of EfficientFormer v1 / V2 and return it.
+
+    ``bias_grid`` is the side of the stride-32 token grid of the official dense tables
+    (``attention_biases_seg``); it only exists in ``bias_mode='official'``, so another value than
+    the default with ``'pretrained'`` is an error rather than silently ignored.
+    """
+    if isinstance(bias_grid, bool) or not isinstance(bias_grid, int) or bias_grid < 1:
+        raise ValueError(
+            f'bias_grid must be a positive int (the side of the stride-32 token grid of the '
+            f'official dense attention-bias tables: {DETECTION_BIAS_GRID} for the detection '
+            f'backbones, {SEGMENTATION_BIAS_GRID} for the ADE20K segmentation ones), '
+            f'got {bias_grid!r}')
+    if bias_mode != 'official' and bias_grid != DETECTION_BIAS_GRID:
+        raise ValueError(
+            f"bias_grid={bias_grid} sizes the official dense tables (attention_biases_seg), "
+            f"which exist only with bias_mode='official'; bias_mode={bias_mode!r} fits the "
+            f'ImageNet table to the input grid instead. Drop bias_grid (or set it to '
+            f"{DETECTION_BIAS_GRID}), or use bias_mode='official'.")
+    return bias_grid
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,6 +337,7 @@ class RelPosBiasAttention(nn.Module):
         return s + (f', q_stride={self.q_stride}' if self.q_stride != 1 else '')
 
 
-__all__ = ['BIAS_MODES', 'offset_index', 'axis_offsets', 'gather_offset_bias',
+__all__ = ['BIAS_MODES', 'DETECTION_BIAS_GRID', 'SEGMENTATION_BIAS_GRID', 'check_bias_grid',
+           'offset_index', 'axis_offsets', 'gather_offset_bias',
            'resize_bias_table', 'table_for_grid', 'resize_dense_bias', 'BiasCache',
            'RelPosBiasAttention']

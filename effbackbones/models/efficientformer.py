@@ -16,12 +16,14 @@ official classification and dense layouts are renamed by :meth:`checkpoint_filte
 Attention biases (``bias_mode``)
 --------------------------------
 ``'official'`` (default) reproduces the official dense code: every Meta3D attention owns a new
-table ``attention_biases_seg`` (heads, 625) over the offsets of a fixed 25x25 grid (zeros at
-init; a classification checkpoint cannot provide it, so it is learnt from scratch). The gathered
-(heads, 625, 625) bias is resized bicubically (``align_corners=False``) to (N, N) for the runtime
-token count N. The ImageNet table ``attention_biases`` (heads, 49) is loaded but unused; it is a
-persistent, non-trainable *buffer* here (as in the official dense code), so DDP never sees a
-parameter without gradient.
+table ``attention_biases_seg`` (heads, G*G) over the offsets of a fixed G x G grid, G =
+``bias_grid`` (zeros at init; a classification checkpoint cannot provide it, so it is learnt from
+scratch): 25 in the official detection backbone (``detection/backbone.py``, (8, 625)), 16 in the
+ADE20K one (``segmentation/backbone.py``, (8, 256)). The gathered (heads, G*G, G*G) bias is
+resized bicubically (``align_corners=False``) to (N, N) for the runtime token count N. The
+ImageNet table ``attention_biases`` (heads, 49) is loaded but unused; it is a persistent,
+non-trainable *buffer* here (as in the official dense code), so DDP never sees a parameter
+without gradient.
 
 ``'pretrained'`` (our extension) keeps the ImageNet table ``attention_biases`` (heads, 49) as the
 trainable parameter and adapts the 7x7 table over (|dy|, |dx|) to the runtime grid (H, W) with
@@ -37,7 +39,8 @@ import torch.nn as nn
 
 from ..checkpoint import reject_dense_tables, rename_keys
 from ..registry import MODELS
-from .attention_bias import BIAS_MODES, RelPosBiasAttention
+from .attention_bias import (BIAS_MODES, DETECTION_BIAS_GRID, RelPosBiasAttention,
+                             check_bias_grid)
 from .base import BaseDenseBackbone
 from .layers import (ConvBN, LayerScale, LayerScale2d, drop_path_or_identity, fold_bn_,
                      fold_layer_scale_, stochastic_depth_schedule)
@@ -152,18 +155,18 @@ class Attention(RelPosBiasAttention):
     (interleaved per head, as in the official code). The bias of a runtime grid ``hw`` comes from
     the shared :class:`~.attention_bias.RelPosBiasAttention` (see the module docstring for the two
     ``bias_mode``\\ s): the 7x7 pretraining table ``attention_biases`` and, in official mode, the
-    25x25 dense table ``attention_biases_seg``. In eval mode the biases of the last
-    ``cache_size`` grid sizes are cached (like the official ``self.ab``).
+    ``bias_grid`` x ``bias_grid`` dense table ``attention_biases_seg``. In eval mode the biases
+    of the last ``cache_size`` grid sizes are cached (like the official ``self.ab``).
     """
 
     def __init__(self, dim, key_dim=32, num_heads=8, attn_ratio=4, resolution=7,
-                 bias_mode='official', seg_resolution=25, cache_size=4):
+                 bias_mode='official', bias_grid=DETECTION_BIAS_GRID, cache_size=4):
         super().__init__()
         self.init_heads(num_heads, key_dim, attn_ratio)
         self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + self.val_dim))
         self.proj = nn.Linear(self.val_attn_dim, dim)
         self.init_relative_position_bias(num_heads, (resolution, resolution), 1, bias_mode,
-                                         (seg_resolution, seg_resolution), cache_size)
+                                         (bias_grid, bias_grid), cache_size)
 
     def forward(self, x, hw):
         b, n, _ = x.shape
@@ -230,10 +233,14 @@ class EfficientFormer(BaseDenseBackbone):
         arch (str | dict): ``'l1'``, ``'l3'``, ``'l7'`` or a dict with ``widths``, ``depths``,
             ``num_vit`` (Meta3D blocks at the end of stage 3) and optionally
             ``layer_scale_init``, ``mlp_ratio``, ``pool_size``.
-        bias_mode (str): ``'official'`` (default, the official dense code: a new 25x25-grid
-            table ``attention_biases_seg`` resized to the token count) or ``'pretrained'``
-            (the ImageNet 7x7 table cropped / resized to the runtime grid). See the module
-            docstring.
+        bias_mode (str): ``'official'`` (default, the official dense code: a new table
+            ``attention_biases_seg`` on a fixed grid, resized to the token count) or
+            ``'pretrained'`` (the ImageNet 7x7 table cropped / resized to the runtime grid). See
+            the module docstring.
+        bias_grid (int): ``bias_mode='official'`` only: side of the fixed grid of
+            ``attention_biases_seg`` (the stride-32 token grid the official tables are laid out
+            on). 25 (default) = the official detection backbone, 16 = the official ADE20K
+            segmentation backbone; a released dense file fits only its own value.
         in_channels (int): input channels. Default 3.
         out_indices (Sequence[int]): which stages to return. Default all four.
         drop_path_rate (float): stochastic depth; official schedule, block ``k`` of the whole
@@ -265,17 +272,18 @@ class EfficientFormer(BaseDenseBackbone):
     ignored_key_patterns = ('head.*', 'head_dist.*', 'dist_head.*', 'norm.*',
                             '*.attention_bias_idxs', '*.attention_bias_idxs_seg')
 
-    def __init__(self, arch='l1', bias_mode='official', in_channels=3, out_indices=(0, 1, 2, 3),
-                 drop_path_rate=0.0, frozen_stages=-1, norm_eval=False, with_cp=False,
-                 bias_cache_size=4, init_cfg=None):
+    def __init__(self, arch='l1', bias_mode='official', bias_grid=DETECTION_BIAS_GRID,
+                 in_channels=3, out_indices=(0, 1, 2, 3), drop_path_rate=0.0, frozen_stages=-1,
+                 norm_eval=False, with_cp=False, bias_cache_size=4, init_cfg=None):
         super().__init__(arch, in_channels, out_indices, frozen_stages, norm_eval, with_cp,
                          drop_path_rate, init_cfg)
         if bias_mode not in BIAS_MODES:
             raise ValueError(f"bias_mode must be 'official' (the official dense code: "
-                             f"attention_biases_seg on a 25x25 grid) or 'pretrained' (the "
+                             f"attention_biases_seg on a fixed grid) or 'pretrained' (the "
                              f'ImageNet 7x7 table cropped / resized to the input grid), '
                              f'got {bias_mode!r}')
         self.bias_mode = bias_mode
+        self.bias_grid = check_bias_grid(bias_grid, bias_mode)
         s = self.arch_settings
         widths, depths = list(s['widths']), list(s['depths'])
         num_vit = int(s['num_vit'])
@@ -286,7 +294,7 @@ class EfficientFormer(BaseDenseBackbone):
         self.num_vit = num_vit
         self.channels = tuple(widths)
 
-        attn_kwargs = dict(bias_mode=bias_mode, cache_size=bias_cache_size)
+        attn_kwargs = dict(bias_mode=bias_mode, bias_grid=bias_grid, cache_size=bias_cache_size)
         self.stem = Stem(in_channels, widths[0])
         dpr = stochastic_depth_schedule(depths, self.drop_path_rate)
         stages = []

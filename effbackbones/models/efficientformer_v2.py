@@ -20,12 +20,15 @@ Attention biases, two modes (``bias_mode``):
 
 * ``'official'`` (default; what the official dense backbone and the paper's detection /
   segmentation results use): each attention owns ``attention_biases_seg`` = an offset table
-  for the fixed resolution 800 (25x25 offsets for the attention blocks, 50x50 for the
-  downsample), gathered into a (heads, 625, 625) / (heads, 625, 2500) matrix that is resized
-  bicubically (``F.interpolate``, align_corners=False) to the real (Nq, Nk) of the input. A
-  classification checkpoint cannot provide these tables: they start at zero as in the official
-  code. The ImageNet tables ``attention_biases`` are loaded but unused (persistent, non-trainable
-  buffers, so distributed training never sees unused parameters).
+  for the fixed class resolution ``32 * bias_grid`` (G x G offsets for the attention blocks,
+  2G x 2G for the downsample, G = ``bias_grid``), gathered into a (heads, G*G, G*G) /
+  (heads, G*G, 4*G*G) matrix that is resized bicubically (``F.interpolate``,
+  align_corners=False) to the real (Nq, Nk) of the input. The official detection backbone
+  (``detection/backbonev2.py``, resolution 800) has G = 25, the ADE20K one
+  (``segmentation/backbonev2.py``, resolution 512) G = 16. A classification checkpoint cannot
+  provide these tables: they start at zero as in the official code. The ImageNet tables
+  ``attention_biases`` are loaded but unused (persistent, non-trainable buffers, so distributed
+  training never sees unused parameters).
 * ``'pretrained'``: the ImageNet tables ``attention_biases`` are the trainable biases. Each
   per-head table is an image over the (|dy|, |dx|) offset grid of the ImageNet key grid (7x7
   for the attention blocks, 14x14 for the downsample); it is brought to the runtime key grid
@@ -42,7 +45,8 @@ import torch.nn as nn
 
 from ..checkpoint import reject_dense_tables, rename_keys
 from ..registry import MODELS
-from .attention_bias import BIAS_MODES, RelPosBiasAttention
+from .attention_bias import (BIAS_MODES, DETECTION_BIAS_GRID, RelPosBiasAttention,
+                             check_bias_grid)
 from .base import BaseDenseBackbone
 from .layers import (ConvBN, LayerScale2d, drop_path_or_identity, fold_layer_scale_,
                      stochastic_depth_schedule)
@@ -257,9 +261,14 @@ class EfficientFormerV2(BaseDenseBackbone):
             ``rate * global_block_index / (num_blocks - 1)`` (the official dense classes use
             0 / 0 / 0.02 / 0.1 for S0 / S1 / S2 / L).
         bias_mode (str): ``'official'`` (default, = the official dense backbone: dense tables
-            at resolution 800, gathered matrix resized to the input) or ``'pretrained'`` (the
+            at a fixed resolution, gathered matrix resized to the input) or ``'pretrained'`` (the
             ImageNet tables, cropped / resized as offset tables to the input grid). See the
             module doc.
+        bias_grid (int): ``bias_mode='official'`` only: side of the stride-32 token grid of the
+            dense tables, i.e. the official class ``resolution`` / 32 (stage tables G x G, the
+            downsample's key grid 2G x 2G). 25 (default) = the official detection backbone
+            (resolution 800), 16 = the official ADE20K segmentation backbone (resolution 512);
+            a released dense file fits only its own value.
         bias_cache_size (int): gathered biases cached per input size in eval mode, per
             attention (LRU). 0 disables the cache. Default 2.
         frozen_stages (int): -1 none, 0 the stem, k the stem and stages 0..k-1.
@@ -306,14 +315,13 @@ class EfficientFormerV2(BaseDenseBackbone):
     ignored_key_patterns = BaseDenseBackbone.ignored_key_patterns + (
         '*.attention_bias_idxs', '*.attention_bias_idxs_seg')
 
-    #: resolution of the ImageNet model (``attention_biases`` tables) and the fixed resolution
-    #: of the official dense code (``attention_biases_seg`` tables)
+    #: resolution of the ImageNet model (``attention_biases`` tables); the official dense
+    #: code's fixed resolution (``attention_biases_seg`` tables) is ``32 * bias_grid``
     pretrain_resolution = 224
-    dense_resolution = 800
 
     def __init__(self, arch='s0', in_channels=3, out_indices=(0, 1, 2, 3), drop_path_rate=0.0,
-                 bias_mode='official', bias_cache_size=2, frozen_stages=-1, norm_eval=False,
-                 with_cp=False, init_cfg=None):
+                 bias_mode='official', bias_grid=DETECTION_BIAS_GRID, bias_cache_size=2,
+                 frozen_stages=-1, norm_eval=False, with_cp=False, init_cfg=None):
         super().__init__(arch, in_channels, out_indices, frozen_stages, norm_eval, with_cp,
                          drop_path_rate, init_cfg)
         if bias_mode not in BIAS_MODES:
@@ -324,6 +332,8 @@ class EfficientFormerV2(BaseDenseBackbone):
         if not isinstance(bias_cache_size, int) or bias_cache_size < 0:
             raise ValueError(f'bias_cache_size must be an int >= 0, got {bias_cache_size!r}')
         self.bias_mode = bias_mode
+        self.bias_grid = check_bias_grid(bias_grid, bias_mode)
+        dense_resolution = 32 * bias_grid
         widths = [int(c) for c in self.arch_settings['widths']]
         depths = [int(d) for d in self.arch_settings['depths']]
         mlp_ratios = [list(r) for r in self.arch_settings['mlp_ratios']]
@@ -343,7 +353,7 @@ class EfficientFormerV2(BaseDenseBackbone):
         # side of the stage-i map at the pretraining / dense resolution (official ceil rule)
         def res(i):
             return (math.ceil(self.pretrain_resolution / 2 ** (i + 2)),
-                    math.ceil(self.dense_resolution / 2 ** (i + 2)))
+                    math.ceil(dense_resolution / 2 ** (i + 2)))
 
         attn_kw = dict(bias_mode=bias_mode, cache_size=bias_cache_size)
         self.stem = Stem(in_channels, widths[0])
