@@ -26,28 +26,18 @@ from conftest import REPO, load_pack, make_weights
 PY = sys.executable
 DET = 'configs/maskrcnn_efficientformer_l1.py'
 SEG = 'configs/semfpn_efficientformerv2_s0.py'
-PACKS = {DET: ('efficientformer', 'l1'), SEG: ('efficientformerv2', 's0')}
+DET_V2 = 'configs/maskrcnn_efficientformerv2_s0.py'
+SEG_V1 = 'configs/semfpn_efficientformer_l1.py'
+#: config -> (toolbox, pack of the official backbone it builds: detection or ADE20K grids)
+RELEASES = {DET: ('mmdet', 'efficientformer', 'l1'), SEG: ('mmseg', 'efficientformerv2_seg', 's0'),
+            DET_V2: ('mmdet', 'efficientformerv2', 's0'),
+            SEG_V1: ('mmseg', 'efficientformer_seg', 'l1')}
 
 
 def _build(config):
     from mmengine.config import Config
     from effbackbones.utils.launch import build_model
     return build_model(Config.fromfile(osp.join(REPO, config)))
-
-
-def _pack_for(model, family, variant):
-    """The reference pack whose dense bias grids fit the config's backbone: the segmentation
-    pack (ADE20K grids) where the config builds them, else the detection pack."""
-    mw = make_weights()
-    own = model.backbone.state_dict()
-    for fam in (family + '_seg', family):
-        if not osp.isfile(osp.join(osp.dirname(mw.__file__), fam, f'{variant}.pt')):
-            continue
-        pack = load_pack(fam, variant)
-        sd = model.backbone.checkpoint_filter_fn(mw.state_dict_from_pack(pack))
-        if all(k not in own or own[k].shape == v.shape for k, v in sd.items()):
-            return pack
-    raise AssertionError(f'no {family} {variant} pack fits the backbone of the config')
 
 
 def official_release(model, pack, toolbox, seed=5):
@@ -87,9 +77,9 @@ def releases(tmp_path_factory):
     """config -> (model, pack, path of the synthesised official release)."""
     out = {}
     root = tmp_path_factory.mktemp('releases')
-    for config, toolbox in ((DET, 'mmdet'), (SEG, 'mmseg')):
+    for config, (toolbox, family, variant) in RELEASES.items():
         model = _build(config)
-        pack = _pack_for(model, *PACKS[config])
+        pack = load_pack(family, variant)
         path = root / (osp.basename(config)[:-3] + '_official.pth')
         torch.save(official_release(model, pack, toolbox), path)
         out[config] = (model, pack, str(path))
@@ -105,7 +95,7 @@ def _convert_tool(argv):
     return mod.main(argv)
 
 
-@pytest.mark.parametrize('config', [DET, SEG])
+@pytest.mark.parametrize('config', [DET, SEG, DET_V2, SEG_V1])
 def test_convert_release_loads_strictly_with_parity_and_classes(config, releases, tmp_path,
                                                                   capsys):
     model, pack, src = releases[config]
@@ -166,6 +156,17 @@ def test_partial_or_mismatched_release_is_an_error_naming_the_tensors(releases):
     assert [k for k, _, _ in report['mismatched']] == ['roi_head.bbox_head.fc_cls.weight']
 
 
+def test_release_of_the_other_bias_grid_is_a_shape_error(releases):
+    """A COCO (25x25 grid) backbone given to the ADE20K config (16x16): named shape errors."""
+    from effbackbones.checkpoint import CheckpointError, convert_model_checkpoint
+    model, _, _ = releases[SEG_V1]
+    release = official_release(model, load_pack('efficientformer', 'l1'), 'mmseg')
+    with pytest.raises(CheckpointError,
+                       match=r'backbone\.stages\.3\.blocks\.4\.token_mixer\.attention_biases_seg: '
+                             r'file \(8, 625\) vs model \(8, 256\)'):
+        convert_model_checkpoint(model, release)
+
+
 def test_own_mmengine_checkpoint_passes_through_for_resume(releases):
     """What our training saves (mmengine layout, optimizer + message hub) is unchanged, so
     load_from / --resume keep working with the hook in place."""
@@ -187,9 +188,8 @@ def test_init_cfg_pretrained_takes_the_whole_release(config, releases):
     from effbackbones.checkpoint import load_pretrained
     model, pack, src = releases[config]
     cls = type(model.backbone)
-    kw = {k: getattr(model.backbone, k) for k in ('bias_grid',) if hasattr(model.backbone, k)}
-    backbone = cls(model.backbone.arch_name, init_cfg=dict(type='Pretrained', checkpoint=src),
-                   **kw)
+    backbone = cls(model.backbone.arch_name, bias_grid=model.backbone.bias_grid,
+                   init_cfg=dict(type='Pretrained', checkpoint=src))
     backbone.init_weights()
     report = load_pretrained(backbone, src)
     assert report['wrapper'] == 'state_dict' and report['layout'] == 'official'
