@@ -361,16 +361,21 @@ def convert_model_checkpoint(model, checkpoint, strict=True, name=None, logger='
     converted, ignored, layouts = OrderedDict(), [], []
     backbones = effbackbones_modules(model)
     parts = [OrderedDict() for _ in backbones]
+    order = []          # the file's order: a key of the rest, or a backbone part (its index)
     for k, v in state_dict.items():
         owner = next((i for i, (p, _) in enumerate(backbones) if k.startswith(p)), None)
         if owner is None:
-            converted[k] = v            # neck / heads: mmdet 2 / mmseg 0 names are ours
+            order.append(k)             # neck / heads: mmdet 2 / mmseg 0 names are ours
         else:
+            if not parts[owner]:
+                order.append(owner)
             parts[owner][k[len(backbones[owner][0]):]] = v
-    for (prefix, bb), part in zip(backbones, parts):
-        if not part:
+    for item in order:
+        if isinstance(item, str):
+            converted[item] = state_dict[item]
             continue
-        part = bb.checkpoint_filter_fn(part)
+        prefix, bb = backbones[item]
+        part = bb.checkpoint_filter_fn(parts[item])
         layouts.append(f'{type(bb).__name__}({bb.arch_name!r}) at {prefix or "<root>"!r}, '
                        f'{getattr(part, "layout", "native")} layout')
         patterns = getattr(bb, 'ignored_key_patterns', ())
