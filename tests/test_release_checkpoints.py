@@ -251,6 +251,8 @@ def _test_opts(config, data):
         return ['--cfg-options', f'test_dataloader.dataset.data_root={data["coco"]}',
                 f'test_evaluator.ann_file={data["coco"]}annotations/instances_val2017.json',
                 'test_dataloader.dataset.pipeline.1.scale=(320,256)',
+                # the synthetic heads score every class ~1/81: keep their boxes for the metric
+                'model.test_cfg.rcnn.score_thr=0.0',
                 'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False']
     return ['--cfg-options', f'test_dataloader.dataset.data_root={data["ade"]}',
             'test_dataloader.dataset.pipeline.1.scale=(320,256)',
@@ -284,4 +286,4 @@ def test_tools_test_refuses_a_partial_file(releases, official_layout_data, tmp_p
                 + _test_opts(SEG, official_layout_data))
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
     assert 'missing   : 1  (decode_head.conv_seg.weight)' in proc.stderr
-    assert 'mIoU' not in proc.stdout + proc.stderr
+    assert not re.search(r'mIoU: [\d.]+', proc.stdout + proc.stderr)     # nothing evaluated
