@@ -211,6 +211,39 @@ def test_pretrained_bias_mode_refuses_dense_tables_in_both_families(config, rele
         load_pretrained(backbone, src)
 
 
+def _runner(model, classes, warnings=None):
+    """The parts of an mmengine Runner the hook reads (test loop built, as in runner.test())."""
+    from types import SimpleNamespace
+    dataset = SimpleNamespace(metainfo=dict(classes=classes))
+    logger = SimpleNamespace(warning=(warnings if warnings is not None else []).append)
+    return SimpleNamespace(model=model, _load_from='release.pth', logger=logger,
+                           _test_loop=SimpleNamespace(dataloader=SimpleNamespace(dataset=dataset)))
+
+
+def test_strict_load_hook_converts_in_place_and_checks_the_class_order(releases):
+    """What mmengine's Runner.load_checkpoint (load_from, tools/test.py, resume) hands to the
+    hook is converted in place; the same classes in another order are refused."""
+    from effbackbones.checkpoint import CheckpointError
+    from effbackbones.engine import StrictLoadHook
+    model, _, src = releases[SEG]
+    classes = tuple(torch.load(src, weights_only=True)['meta']['CLASSES'])
+    ckpt = torch.load(src, weights_only=True)
+    StrictLoadHook().after_load_checkpoint(_runner(model, classes), ckpt)
+    assert set(ckpt) == {'meta', 'state_dict'}
+    assert ckpt['meta']['dataset_meta']['classes'] == classes
+    model.load_state_dict(ckpt['state_dict'], strict=True)
+    swapped = (classes[1], classes[0]) + classes[2:]
+    with pytest.raises(CheckpointError, match=r"index 0: \('wall', 'building', 'sky'\) \(file\)"
+                       r".*another order"):
+        StrictLoadHook().after_load_checkpoint(_runner(model, swapped),
+                                               torch.load(src, weights_only=True))
+    # other class names (e.g. a dataset that renames a class): a warning
+    warnings = []
+    StrictLoadHook().after_load_checkpoint(_runner(model, ('cat',) + classes[1:], warnings),
+                                           torch.load(src, weights_only=True))
+    assert len(warnings) == 1 and "('wall', 'building', 'sky') (file)" in warnings[0]
+
+
 # -------------------------------------------------------------------------------------------
 # tools/test.py CONFIG RELEASED_FILE on tiny datasets in the official folder layouts
 # -------------------------------------------------------------------------------------------
