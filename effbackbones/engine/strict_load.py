@@ -14,7 +14,7 @@ class StrictLoadHook(Hook):
     ``--resume``) reads the file, calls ``after_load_checkpoint(runner, checkpoint)`` on every
     hook, then loads ``checkpoint['state_dict']`` with ``strict=False``: tensors that do not fit
     only give the warning "The model and loaded state dict do not match exactly" and stay random.
-    This hook runs first (priority ``VERY_HIGH``) and replaces the checkpoint's content, in
+    This hook (priority ``VERY_HIGH``: before e.g. ``EMAHook`` reads the weights) replaces the checkpoint's content, in
     place, with :func:`effbackbones.checkpoint.convert_model_checkpoint`'s result: the
     backbone part of an official released dense file (mmdet 2.x Mask R-CNN / mmseg 0.x Semantic
     FPN, ``meta.CLASSES``) is converted to our layout, the load report is logged, and missing,
@@ -23,8 +23,8 @@ class StrictLoadHook(Hook):
 
     The class names the file was trained with (``meta.dataset_meta`` / mmdet 2's
     ``meta.CLASSES``) are compared with those of the runner's dataset: the same names in another
-    order is an error (every class would be scored as another one); other differences (renamed
-    or other classes, e.g. fine-tuning on a new dataset) are logged as a warning.
+    order is an error with ``strict`` (every class would be scored as another one); other
+    differences (renamed or other classes, e.g. fine-tuning on a new dataset) are a warning.
 
     Our configs add it (``configs/_base_`` task files); ``tools/train.py`` / ``tools/test.py``
     add it to any config that lacks it. ``strict=False`` (``--load-not-strict``) turns the
