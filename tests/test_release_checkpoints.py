@@ -244,6 +244,22 @@ def test_strict_load_hook_converts_in_place_and_checks_the_class_order(releases)
     assert len(warnings) == 1 and "('wall', 'building', 'sky') (file)" in warnings[0]
 
 
+def test_tools_add_the_hook_once_and_the_opt_out_flag_reaches_it():
+    import argparse
+    from mmengine.config import Config
+    from effbackbones.utils.launch import add_common_args, parse_common, prepare_config
+    for flags, strict in (([], True), (['--load-not-strict'], False)):
+        cfg = Config.fromfile(osp.join(REPO, SEG))          # lists the hook in custom_hooks
+        args = parse_common(add_common_args(argparse.ArgumentParser()), flags)
+        hooks = [h for h in prepare_config(cfg, args, 'work_dirs/x').custom_hooks
+                 if h['type'] == 'effbackbones.StrictLoadHook']
+        assert len(hooks) == 1 and hooks[0].get('strict', True) is strict
+    cfg = Config(dict(model=dict(type='EncoderDecoder'), launcher='none'))   # a foreign config
+    args = parse_common(add_common_args(argparse.ArgumentParser()), [])
+    assert prepare_config(cfg, args, 'work_dirs/x').custom_hooks == [
+        dict(type='effbackbones.StrictLoadHook')]
+
+
 # -------------------------------------------------------------------------------------------
 # tools/test.py CONFIG RELEASED_FILE on tiny datasets in the official folder layouts
 # -------------------------------------------------------------------------------------------
