@@ -13,6 +13,16 @@ The path a user takes is ``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` -
 5. refuses to leave random weights behind silently: shape mismatches, an empty match, backbone
    tensors missing from the file or tensors the backbone does not know are errors
    (``strict=False`` turns the last two into warnings).
+
+Whole models (a detector / segmentor checkpoint: ``load_from``, ``tools/test.py``,
+``tools/convert_checkpoint.py --config``) go through :func:`convert_model_checkpoint`: the part
+under each effbackbones backbone is converted by that backbone's ``checkpoint_filter_fn``, the
+rest is kept, and anything that does not fit the model is an error naming the tensors
+(``effbackbones.StrictLoadHook`` applies it inside mmengine runners).
+
+Every family's ``checkpoint_filter_fn`` is an ordered list of renaming rules applied by
+:func:`rename_keys`; :func:`reject_dense_tables` is the one policy for dense bias tables under
+``bias_mode='pretrained'``.
 """
 import argparse
 import fnmatch
@@ -234,6 +244,12 @@ def _summarise(keys, limit=6):
     return ', '.join(items[:limit]) + more
 
 
+def _names(keys, limit=12):
+    """Every name when there are few (an error must say exactly what is wrong), else groups."""
+    keys = sorted(keys)
+    return ', '.join(keys) if len(keys) <= limit else _summarise(keys, limit)
+
+
 def load_pretrained(model, checkpoint, prefix=None, strict=True, allow_unsafe=False,
                     map_location='cpu', logger='current'):
     """Load ``checkpoint`` (path or dict) into ``model`` through its family's filter.
@@ -321,20 +337,190 @@ class LayoutDict(OrderedDict):
         self.layout = layout
 
 
-def rename_keys(state_dict, rules, layout):
-    """Apply ``[(regex, replacement), ...]`` to every key (first matching rule wins)."""
+def rename_keys(state_dict, rules, layout, value_rules=()):
+    """The one layout converter every family's ``checkpoint_filter_fn`` is built on (timm style).
+
+    Every ``(regex, replacement)`` of ``rules`` is applied, in order, to every key
+    (``re.sub``; a replacement may be a string with groups or a callable), so a family states
+    its layout as an ordered list of renames: prefix moves first, then the names inside blocks.
+    Then each ``(regex, fn)`` of ``value_rules`` whose regex matches the *new* key maps the
+    tensor (``fn(tensor) -> tensor``; e.g. an official ``(C, 1, 1)`` layer scale -> ``(C,)``).
+    Returns a :class:`LayoutDict` tagged with ``layout``.
+    """
     compiled = [(re.compile(p), r) for p, r in rules]
+    value_compiled = [(re.compile(p), fn) for p, fn in value_rules]
     out = LayoutDict(layout=layout)
     for k, v in state_dict.items():
         for pat, rep in compiled:
-            new, n = pat.subn(rep, k)
-            if n:
-                k = new
-                break
+            k = pat.sub(rep, k)
+        for pat, fn in value_compiled:
+            if pat.search(k):
+                v = fn(v)
         out[k] = v
     return out
 
 
+def reject_dense_tables(state_dict, model):
+    """The policy for dense bias tables under ``bias_mode='pretrained'`` (v1 and V2 alike).
+
+    A file with ``attention_biases_seg`` tables comes from the official dense code, where those
+    tables are the biases the rest of the network was trained with and the ImageNet tables
+    ``attention_biases`` are unused placeholders (zeros, or the ImageNet values never updated).
+    Loading such a file in ``'pretrained'`` mode would pair the dense-trained weights with
+    biases they never saw and give quietly worse features, so it is an error that names the
+    mode to use, rather than a silent drop of the tables.
+    """
+    if getattr(model, 'bias_mode', None) != 'pretrained':
+        return
+    seg = [k for k in state_dict if k.endswith('attention_biases_seg')]
+    if seg:
+        raise CheckpointError(
+            f'this checkpoint holds the dense bias tables of the official dense backbone '
+            f'({len(seg)} x attention_biases_seg, e.g. {seg[0]}), which its other weights were '
+            f"trained with; bias_mode='pretrained' would use the unused ImageNet tables "
+            f"attention_biases instead. Load it with {type(model).__name__}(bias_mode="
+            f"'official').")
+
+
+# ------------------------------------------------------------------------------------------
+# whole models (detector / segmentor checkpoints)
+# ------------------------------------------------------------------------------------------
+def effbackbones_modules(model):
+    """``[(prefix, module)]`` of every effbackbones backbone inside ``model`` (e.g.
+    ``('backbone.', EfficientFormer)`` in a Mask R-CNN)."""
+    return [(name + '.' if name else '', m) for name, m in model.named_modules()
+            if hasattr(m, 'checkpoint_filter_fn') and hasattr(m, 'arch_settings')]
+
+
+def dataset_meta_from(meta):
+    """``meta['dataset_meta']`` (mmengine) or one built from mmdet 2.x / mmseg 0.x's
+    ``meta['CLASSES']`` / ``meta['PALETTE']``; ``None`` when the file names no classes."""
+    meta = meta or {}
+    if isinstance(meta.get('dataset_meta'), dict):
+        return dict(meta['dataset_meta'])
+    if meta.get('CLASSES') is None:
+        return None
+    out = dict(classes=tuple(meta['CLASSES']))
+    if meta.get('PALETTE') is not None:
+        out['palette'] = [tuple(c) for c in meta['PALETTE']]
+    return out
+
+
+def convert_model_checkpoint(model, checkpoint, strict=True, name=None, logger='current'):
+    """Convert a whole-model checkpoint for ``model`` (a detector / segmentor) and check it fits.
+
+    ``checkpoint`` is a runner file (dict) of mmdet 2.x / mmseg 0.x (official EfficientFormer
+    releases: ``meta``, ``state_dict``, ``optimizer``) or of mmengine (ours), or a raw state
+    dict. The keys under each effbackbones backbone's prefix go through that backbone's
+    ``checkpoint_filter_fn`` (official dense -> our layout; the file's index buffers
+    ``attention_bias_idxs*`` are dropped: ours are computed); every other key is kept as it is:
+    mmdet 3 / mmseg 1 kept the mmdet 2 / mmseg 0 module names of FPN, RPN, RoI and Semantic FPN
+    heads, so their checkpoints load unchanged (mmdetection#9779).
+
+    The report (logged) lists matched / ignored / missing / unexpected / shape-mismatched
+    tensors. With ``strict`` (default) any missing, unexpected or shape-mismatched tensor is a
+    :class:`CheckpointError` naming them: a model is never evaluated or trained from a partial
+    load. ``strict=False`` (the explicit opt-out, e.g. fine-tuning on other classes) makes them
+    warnings and leaves the mismatched tensors out. A file matching nothing is always an error.
+    ``num_batches_tracked`` may be absent (it is bookkeeping).
+
+    Returns ``(new_checkpoint, report)``: ``new_checkpoint`` holds ``state_dict`` (our layout)
+    and ``meta`` with ``dataset_meta`` (class names from ``meta.CLASSES`` of an mmdet 2 /
+    mmseg 0 file); the other top-level entries of ``checkpoint`` (e.g. an mmengine
+    ``optimizer``, ``message_hub``) are kept for resuming, an mmcv 1.x ``optimizer`` is not.
+    """
+    name = name or '<checkpoint>'
+    state_dict, wrapper = unwrap_state_dict(checkpoint)
+    if state_dict and all(k.startswith('module.') for k in state_dict):
+        state_dict = OrderedDict((k[len('module.'):], v) for k, v in state_dict.items())
+    own = model.state_dict()
+    converted, ignored, layouts = OrderedDict(), [], []
+    backbones = effbackbones_modules(model)
+    parts = [OrderedDict() for _ in backbones]
+    order = []          # the file's order: a key of the rest, or a backbone part (its index)
+    for k, v in state_dict.items():
+        owner = next((i for i, (p, _) in enumerate(backbones) if k.startswith(p)), None)
+        if owner is None:
+            order.append(k)             # neck / heads: mmdet 2 / mmseg 0 names are ours
+        else:
+            if not parts[owner]:
+                order.append(owner)
+            parts[owner][k[len(backbones[owner][0]):]] = v
+    for item in order:
+        if isinstance(item, str):
+            converted[item] = state_dict[item]
+            continue
+        prefix, bb = backbones[item]
+        part = bb.checkpoint_filter_fn(parts[item])
+        layouts.append(f'{type(bb).__name__}({bb.arch_name!r}) at {prefix or "<root>"!r}, '
+                       f'{getattr(part, "layout", "native")} layout')
+        patterns = getattr(bb, 'ignored_key_patterns', ())
+        for k, v in part.items():
+            if prefix + k not in own and _match_any(k, patterns):
+                ignored.append(prefix + k)
+            else:
+                converted[prefix + k] = v
+
+    matched = [k for k in converted if k in own and converted[k].shape == own[k].shape]
+    mismatched = [(k, tuple(converted[k].shape), tuple(own[k].shape)) for k in converted
+                  if k in own and converted[k].shape != own[k].shape]
+    unexpected = [k for k in converted if k not in own]
+    missing = [k for k in own if k not in converted and not k.endswith('num_batches_tracked')]
+    model_name = type(model).__name__
+    n_bb = sum(1 for k in own if any(k.startswith(p) for p, _ in backbones))
+    m_bb = sum(1 for k in matched if any(k.startswith(p) for p, _ in backbones))
+    lines = [f'[{model_name}] loading {name}: wrapper={wrapper!r}, '
+             f'{len(state_dict)} tensors in the file'
+             + (f'; backbone {", ".join(layouts)}' if layouts else ''),
+             f'  matched   : {len(matched)}/{len(own)} model tensors '
+             f'(backbone {m_bb}/{n_bb}, rest {len(matched) - m_bb}/{len(own) - n_bb})',
+             f'  ignored   : {len(ignored)}' + (f'  ({_summarise(ignored)})' if ignored else ''),
+             f'  missing   : {len(missing)}' + (f'  ({_names(missing)})' if missing
+                                                 else ''),
+             f'  unexpected: {len(unexpected)}' +
+             (f'  ({_names(unexpected)})' if unexpected else '')]
+    if mismatched:
+        lines.append(f'  shape mismatch: {len(mismatched)}  (' + ', '.join(
+            f'{k}: file {a} vs model {b}' for k, a, b in mismatched[:8]) +
+            (' ...' if len(mismatched) > 8 else '') + ')')
+    text = '\n'.join(lines)
+    report = dict(matched=matched, ignored=ignored, missing=missing, unexpected=unexpected,
+                  mismatched=mismatched, wrapper=wrapper, layouts=layouts, text=text)
+    problems = bool(mismatched or missing or unexpected)
+    if not matched:
+        raise CheckpointError(f'{text}\nNothing in {name} matches the {model_name} of this '
+                              f'config: it is a checkpoint of another model.')
+    if problems and strict:
+        raise CheckpointError(
+            f'{text}\n{name} does not fit the {model_name} of this config: '
+            f'{len(missing)} missing, {len(unexpected)} unexpected and {len(mismatched)} '
+            f'shape-mismatched tensors (named above). Refusing to run with partly random '
+            f'weights: check the config (variant, number of classes, bias grid) matches the '
+            f'file, or opt out explicitly (tools: --load-not-strict; config: '
+            f"custom_hooks=[dict(type='effbackbones.StrictLoadHook', strict=False)]).")
+    print_log(text, logger=logger, level=30 if problems else 20)
+    if mismatched:
+        for k, _, _ in mismatched:
+            converted.pop(k)
+
+    # keep what resuming an mmengine file needs; an mmcv 1.x optimizer state (no message_hub
+    # next to it) cannot be resumed by mmengine and is dropped with the weights' wrapper
+    keep = isinstance(checkpoint, dict) and wrapper != 'raw'
+    mmcv1 = keep and 'message_hub' not in checkpoint
+    new = OrderedDict((k, v) for k, v in checkpoint.items()
+                      if k not in ('state_dict', 'meta', wrapper)
+                      and not (mmcv1 and k == 'optimizer')) if keep else OrderedDict()
+    meta = dict(checkpoint.get('meta') or {}) if isinstance(checkpoint, dict) else {}
+    dataset_meta = dataset_meta_from(meta)
+    if dataset_meta is not None:
+        meta['dataset_meta'] = dataset_meta
+    new['meta'] = meta
+    new['state_dict'] = converted
+    return new, report
+
+
 __all__ = ['CheckpointError', 'SAFE_CHECKPOINT_GLOBALS', 'UNREADABLE_ERRORS', 'load_checkpoint_file',
            'check_finite', 'nonfinite_tensors', 'diagnose_unreadable', 'holds_foreign_objects',
-           'unwrap_state_dict', 'strip_prefix', 'load_pretrained', 'LayoutDict', 'rename_keys']
+           'unwrap_state_dict', 'strip_prefix', 'load_pretrained', 'LayoutDict', 'rename_keys',
+           'reject_dense_tables', 'effbackbones_modules', 'dataset_meta_from',
+           'convert_model_checkpoint']

@@ -607,13 +607,14 @@ def test_timm_layout_gives_same_tensors_as_official(variant):
                 assert torch.equal(timm_state[k], v), k
 
 
-def test_dense_checkpoint_in_pretrained_mode_ignores_seg_tables():
+def test_dense_checkpoint_in_pretrained_mode_is_refused():
+    """Same policy as V2 (checkpoint.reject_dense_tables): the dense weights were trained with
+    the _seg tables, the ImageNet tables of the file are unused placeholders."""
     pack = load_pack('efficientformer', 'l3')
     sd = make_weights().state_dict_from_pack(pack)
     model = EfficientFormer('l3', bias_mode='pretrained')
-    rep = load_pretrained(model, sd)
-    assert not rep['missing'] and not rep['unexpected'] and not rep['new']
-    assert sum(k.endswith('attention_biases_seg') for k in rep['ignored']) == 4
+    with pytest.raises(CheckpointError, match=r"4 x attention_biases_seg.*bias_mode='official'"):
+        load_pretrained(model, sd)
     # an mmdet detector file: the backbone part is used
     det = {'backbone.' + k: v for k, v in sd.items()}
     det['neck.lateral_convs.0.conv.weight'] = torch.zeros(256, 64, 1, 1)

@@ -6,6 +6,12 @@
 
 ``--deploy`` folds the backbone's BatchNorms and caches its attention biases before testing
 (the deploy path, same predictions). ``--show-dir`` saves pictures of the predictions.
+
+CHECKPOINT may be one of our training checkpoints or an official released dense file
+(EfficientFormer / EfficientFormerV2 COCO Mask R-CNN, ADE20K Semantic FPN: mmdet 2.x / mmseg 0.x
+runner files): ``effbackbones.StrictLoadHook`` converts it in memory, logs the load report and
+stops with an error naming every missing, unexpected or shape-mismatched tensor, so nothing is
+evaluated with partly random weights (``--load-not-strict`` opts out).
 """
 import argparse
 import os.path as osp

@@ -8,12 +8,8 @@ _base_ = [
     'mmdet::_base_/datasets/coco_instance.py',
     'mmdet::_base_/schedules/schedule_1x.py',
     'mmdet::_base_/default_runtime.py',
+    './effbackbones_runtime.py',
 ]
-custom_imports = dict(imports=['effbackbones'], allow_failed_imports=False)
-# crash-safe training (docs/reliability.md): --resume continues bit-identically; the first
-# non-finite loss / gradient norm stops the run (AMP: DivergenceGuardHook action='skip')
-custom_hooks = [dict(type='effbackbones.ExactResumeHook'),
-                dict(type='effbackbones.DivergenceGuardHook', action='stop')]
 
 model = dict(
     # every effbackbones backbone needs sides that are multiples of 32

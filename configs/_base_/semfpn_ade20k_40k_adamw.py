@@ -6,12 +6,8 @@ _base_ = [
     'mmseg::_base_/datasets/ade20k.py',
     'mmseg::_base_/schedules/schedule_40k.py',
     'mmseg::_base_/default_runtime.py',
+    './effbackbones_runtime.py',
 ]
-custom_imports = dict(imports=['effbackbones'], allow_failed_imports=False)
-# crash-safe training (docs/reliability.md): --resume continues bit-identically; the first
-# non-finite loss / gradient norm stops the run (AMP: DivergenceGuardHook action='skip')
-custom_hooks = [dict(type='effbackbones.ExactResumeHook'),
-                dict(type='effbackbones.DivergenceGuardHook', action='stop')]
 
 crop_size = (512, 512)
 model = dict(

@@ -31,11 +31,13 @@ the rule shared with LeViT and EfficientFormerV2 (:mod:`.attention_bias`): per d
 cropped where the grid side is <= 7 (the learned values stay exact) and resized bicubically where
 it is larger, then gathered with ``|dy| * W + |dx|``. At the pretraining grid (224 input -> 7x7)
 nothing changes and the features are exactly those of the classification model. No ``_seg`` table
-exists in this mode.
+exists in this mode, and a file that holds them (an official dense release) is an error: its
+weights were trained with those tables (policy shared with V2:
+:func:`~effbackbones.checkpoint.reject_dense_tables`).
 """
 import torch.nn as nn
 
-from ..checkpoint import LayoutDict, rename_keys
+from ..checkpoint import reject_dense_tables, rename_keys
 from ..registry import MODELS
 from .attention_bias import (BIAS_MODES, DETECTION_BIAS_GRID, RelPosBiasAttention,
                              check_bias_grid)
@@ -311,8 +313,7 @@ class EfficientFormer(BaseDenseBackbone):
         self.new_key_patterns = ('out_norms.*',) + (
             ('*.attention_biases_seg',) if bias_mode == 'official' else ())
         self.ignored_key_patterns = type(self).ignored_key_patterns + tuple(
-            f'out_norms.{i}.*' for i in range(4) if i not in self.out_indices) + (
-            ('*.attention_biases_seg',) if bias_mode == 'pretrained' else ())
+            f'out_norms.{i}.*' for i in range(4) if i not in self.out_indices)
         self._freeze_stages()
 
     def stage_groups(self):
@@ -347,34 +348,33 @@ class EfficientFormer(BaseDenseBackbone):
         Our names are timm's (``stem.conv1``, ``stages.{i}.downsample.conv``,
         ``stages.{i}.blocks.{j}.ls1.gamma``...) plus ``out_norms.{i}`` and the official-mode
         ``attention_biases_seg``, so a timm file only needs its head dropped (ignored keys).
+        With ``bias_mode='pretrained'`` a file holding dense tables is refused
+        (:func:`~effbackbones.checkpoint.reject_dense_tables`).
         """
         keys = list(state_dict)
         if any(k.startswith(('network.', 'patch_embed.')) for k in keys):
-            stem_names = {'0': 'conv1', '1': 'norm1', '3': 'conv2', '4': 'norm2'}
-            rules = [
-                (r'^patch_embed\.(\d+)\.', lambda m: f'stem.{stem_names.get(m[1], m[1])}.'),
-                (r'^network\.(\d+)\.(\d+)\.', lambda m: f'stages.{int(m[1]) // 2}.blocks.{m[2]}.'),
-                (r'^network\.(\d+)\.proj\.',
-                 lambda m: f'stages.{(int(m[1]) + 1) // 2}.downsample.conv.'),
-                (r'^network\.(\d+)\.norm\.',
-                 lambda m: f'stages.{(int(m[1]) + 1) // 2}.downsample.norm.'),
-                (r'^norm([0246])\.', lambda m: f'out_norms.{int(m[1]) // 2}.'),
-                (r'^dist_head\.', 'head_dist.'),
-            ]
-            sd = rename_keys(state_dict, rules, layout='official')
-            out = LayoutDict(layout='official')
-            for k, v in sd.items():
-                if k.endswith('.layer_scale_1'):
-                    k = k[:-len('layer_scale_1')] + 'ls1.gamma'
-                elif k.endswith('.layer_scale_2'):
-                    k = k[:-len('layer_scale_2')] + 'ls2.gamma'
-                out[k] = v
-            return out
-        native = any(k.startswith('out_norms.') or k.endswith('.attention_biases_seg')
-                     for k in keys)
-        layout = 'timm' if not native and any(k.startswith('stages.') for k in keys) \
-            else 'native'
-        return LayoutDict(state_dict, layout=layout)
+            out = rename_keys(state_dict, _OFFICIAL_RULES, layout='official')
+        else:
+            native = any(k.startswith('out_norms.') or k.endswith('.attention_biases_seg')
+                         for k in keys)
+            timm = not native and any(k.startswith('stages.') for k in keys)
+            out = rename_keys(state_dict, (), layout='timm' if timm else 'native')
+        reject_dense_tables(out, self)
+        return out
+
+
+_STEM_NAMES = {'0': 'conv1', '1': 'norm1', '3': 'conv2', '4': 'norm2'}
+#: official ``patch_embed`` / ``network.{2i}.{j}`` (blocks) / ``network.{2i-1}`` (downsample) /
+#: ``norm{0,2,4,6}`` -> ours, applied in order by :func:`~effbackbones.checkpoint.rename_keys`
+_OFFICIAL_RULES = [
+    (r'^patch_embed\.(\d+)\.', lambda m: f'stem.{_STEM_NAMES.get(m[1], m[1])}.'),
+    (r'^network\.(\d+)\.(\d+)\.', lambda m: f'stages.{int(m[1]) // 2}.blocks.{m[2]}.'),
+    (r'^network\.(\d+)\.proj\.', lambda m: f'stages.{(int(m[1]) + 1) // 2}.downsample.conv.'),
+    (r'^network\.(\d+)\.norm\.', lambda m: f'stages.{(int(m[1]) + 1) // 2}.downsample.norm.'),
+    (r'^norm([0246])\.', lambda m: f'out_norms.{int(m[1]) // 2}.'),
+    (r'^dist_head\.', 'head_dist.'),
+    (r'\.layer_scale_([12])$', r'.ls\1.gamma'),
+]
 
 
 __all__ = ['EfficientFormer']

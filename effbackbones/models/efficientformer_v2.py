@@ -35,14 +35,15 @@ Attention biases, two modes (``bias_mode``):
   (non-square too) with the rule shared with LeViT and EfficientFormer v1
   (:mod:`.attention_bias`): per dimension cropped where the runtime side is smaller or equal (the
   learned values stay exact), resized bicubically where larger; then gathered with the (strided)
-  offset index. At 224x224 input this is exactly the classification model.
+  offset index. At 224x224 input this is exactly the classification model. A file holding
+  dense tables (an official dense release) is an error in this mode: its weights were trained
+  with those tables (policy shared with v1: :func:`~effbackbones.checkpoint.reject_dense_tables`).
 """
 import math
-import re
 
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, LayoutDict
+from ..checkpoint import reject_dense_tables, rename_keys
 from ..registry import MODELS
 from .attention_bias import (BIAS_MODES, DETECTION_BIAS_GRID, RelPosBiasAttention,
                              check_bias_grid)
@@ -398,73 +399,55 @@ class EfficientFormerV2(BaseDenseBackbone):
     # checkpoints
     # ---------------------------------------------------------------------------------------
     def checkpoint_filter_fn(self, state_dict):
-        """Official (classification ``model`` or dense ``*_feat``) or timm layout -> ours."""
+        """Official (classification ``model`` or dense ``*_feat``) or timm layout -> ours.
+
+        With ``bias_mode='pretrained'`` a file holding dense tables is refused
+        (:func:`~effbackbones.checkpoint.reject_dense_tables`).
+        """
         keys = list(state_dict)
         if any(k.startswith(('network.', 'patch_embed.')) for k in keys):
-            out = LayoutDict(((convert_official_key(k), v) for k, v in state_dict.items()),
-                             layout='official')
+            layout, rules = 'official', _OFFICIAL_RULES
         else:
             layout = 'timm' if any(k.startswith(('norm.', 'head.', 'head_dist.'))
                                    for k in keys) else 'native'
-            out = LayoutDict(state_dict, layout=layout)
-        for k, v in out.items():
-            if k.endswith(('.ls1.gamma', '.ls2.gamma')) and v.dim() == 3:
-                out[k] = v.reshape(-1)      # official (C, 1, 1) -> (C,)
-        if self.bias_mode == 'pretrained':
-            seg = [k for k in out if k.endswith('attention_biases_seg')]
-            if seg:
-                raise CheckpointError(
-                    f'this checkpoint holds the dense bias tables of the official dense '
-                    f'backbone ({len(seg)} x attention_biases_seg, e.g. {seg[0]}); its '
-                    f'attention_biases are unused placeholders there. Load it with '
-                    f"EfficientFormerV2(bias_mode='official').")
+            rules = ()
+        out = rename_keys(state_dict, rules, layout, value_rules=_VALUE_RULES)
+        reject_dense_tables(out, self)
         return out
 
 
 _STEM_KEYS = {'0': 'conv1.conv', '1': 'conv1.bn', '3': 'conv2.conv', '4': 'conv2.bn'}
-_BLOCK_RULES = [
-    (r'^mlp\.fc1\.', 'mlp.fc1.conv.'), (r'^mlp\.norm1\.', 'mlp.fc1.bn.'),
-    (r'^mlp\.mid\.', 'mlp.mid.conv.'), (r'^mlp\.mid_norm\.', 'mlp.mid.bn.'),
-    (r'^mlp\.fc2\.', 'mlp.fc2.conv.'), (r'^mlp\.norm2\.', 'mlp.fc2.bn.'),
-    (r'^layer_scale_1$', 'ls1.gamma'), (r'^layer_scale_2$', 'ls2.gamma'),
-    (r'^token_mixer\.(q|k|v|v_local|stride_conv)\.0\.', r'token_mixer.\1.conv.'),
-    (r'^token_mixer\.(q|k|v|v_local|stride_conv)\.1\.', r'token_mixer.\1.bn.'),
-    (r'^token_mixer\.proj\.1\.', 'token_mixer.proj.conv.'),
-    (r'^token_mixer\.proj\.2\.', 'token_mixer.proj.bn.'),
+_BLOCK = r'(\.blocks\.\d+\.)'
+_DOWN = r'(\.downsample\.)'
+#: official layout -> ours, applied in order by :func:`~effbackbones.checkpoint.rename_keys`:
+#: ``network.{2i}.{j}`` are blocks, ``network.{2i-1}`` the downsample before stage i, then the
+#: names inside blocks (conv + BN pairs of the official ``nn.Sequential``\ s) and downsamples
+_OFFICIAL_RULES = [
+    (r'^patch_embed\.([0134])\.', lambda m: f'stem.{_STEM_KEYS[m[1]]}.'),
+    (r'^network\.(\d*[02468])\.(\d+)\.', lambda m: f'stages.{int(m[1]) // 2}.blocks.{m[2]}.'),
+    (r'^network\.(\d*[13579])\.', lambda m: f'stages.{(int(m[1]) + 1) // 2}.downsample.'),
+    (r'^dist_head\.', 'head_dist.'),
+    # blocks
+    (_BLOCK + r'mlp\.fc1\.', r'\1mlp.fc1.conv.'), (_BLOCK + r'mlp\.norm1\.', r'\1mlp.fc1.bn.'),
+    (_BLOCK + r'mlp\.mid\.', r'\1mlp.mid.conv.'), (_BLOCK + r'mlp\.mid_norm\.', r'\1mlp.mid.bn.'),
+    (_BLOCK + r'mlp\.fc2\.', r'\1mlp.fc2.conv.'), (_BLOCK + r'mlp\.norm2\.', r'\1mlp.fc2.bn.'),
+    (_BLOCK + r'layer_scale_([12])$', r'\1ls\2.gamma'),
+    (_BLOCK + r'token_mixer\.(q|k|v|v_local|stride_conv)\.0\.', r'\1token_mixer.\2.conv.'),
+    (_BLOCK + r'token_mixer\.(q|k|v|v_local|stride_conv)\.1\.', r'\1token_mixer.\2.bn.'),
+    (_BLOCK + r'token_mixer\.proj\.1\.', r'\1token_mixer.proj.conv.'),
+    (_BLOCK + r'token_mixer\.proj\.2\.', r'\1token_mixer.proj.bn.'),
+    # downsamples (plain: proj + norm; with attention: conv + bn + attn)
+    (_DOWN + r'(proj|conv)\.', r'\1conv.conv.'), (_DOWN + r'(norm|bn)\.', r'\1conv.bn.'),
+    (_DOWN + r'attn\.q\.local\.0\.', r'\1attn.q.local.'),
+    (_DOWN + r'attn\.q\.proj\.0\.', r'\1attn.q.proj.conv.'),
+    (_DOWN + r'attn\.q\.proj\.1\.', r'\1attn.q.proj.bn.'),
+    (_DOWN + r'attn\.(k|v|v_local)\.0\.', r'\1attn.\2.conv.'),
+    (_DOWN + r'attn\.(k|v|v_local)\.1\.', r'\1attn.\2.bn.'),
+    (_DOWN + r'attn\.proj\.1\.', r'\1attn.proj.conv.'),
+    (_DOWN + r'attn\.proj\.2\.', r'\1attn.proj.bn.'),
 ]
-_DOWNSAMPLE_RULES = [
-    (r'^(proj|conv)\.', 'conv.conv.'), (r'^(norm|bn)\.', 'conv.bn.'),
-    (r'^attn\.q\.local\.0\.', 'attn.q.local.'),
-    (r'^attn\.q\.proj\.0\.', 'attn.q.proj.conv.'), (r'^attn\.q\.proj\.1\.', 'attn.q.proj.bn.'),
-    (r'^attn\.(k|v|v_local)\.0\.', r'attn.\1.conv.'),
-    (r'^attn\.(k|v|v_local)\.1\.', r'attn.\1.bn.'),
-    (r'^attn\.proj\.1\.', 'attn.proj.conv.'), (r'^attn\.proj\.2\.', 'attn.proj.bn.'),
-]
+#: official layer scales are (C, 1, 1); ours (C,)
+_VALUE_RULES = [(r'\.ls[12]\.gamma$', lambda v: v.reshape(-1) if v.dim() == 3 else v)]
 
 
-def _apply_first(rules, key):
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
-
-
-def convert_official_key(key):
-    """One key of the official layout (classification or dense) -> our (timm) layout."""
-    m = re.match(r'^patch_embed\.(\d)\.(.*)$', key)
-    if m and m[1] in _STEM_KEYS:
-        return f'stem.{_STEM_KEYS[m[1]]}.{m[2]}'
-    m = re.match(r'^network\.(\d+)\.(\d+)\.(.*)$', key)
-    if m and int(m[1]) % 2 == 0:
-        return f'stages.{int(m[1]) // 2}.blocks.{m[2]}.{_apply_first(_BLOCK_RULES, m[3])}'
-    m = re.match(r'^network\.(\d+)\.(.*)$', key)
-    if m and int(m[1]) % 2 == 1:
-        return f'stages.{(int(m[1]) + 1) // 2}.downsample.' \
-               f'{_apply_first(_DOWNSAMPLE_RULES, m[2])}'
-    if key.startswith('dist_head.'):
-        return 'head_dist.' + key[len('dist_head.'):]
-    return key
-
-
-__all__ = ['EfficientFormerV2', 'convert_official_key']
+__all__ = ['EfficientFormerV2']

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
-from ..checkpoint import LayoutDict
+from ..checkpoint import rename_keys
 from ..registry import MODELS
 from .attention_bias import RelPosBiasAttention, axis_offsets, gather_offset_bias
 from .base import BaseDenseBackbone
@@ -374,10 +374,11 @@ class LeViT(BaseDenseBackbone):
     def checkpoint_filter_fn(self, state_dict):
         """Official flat layout, timm ``levit_*`` / ``levit_conv_*`` layouts -> ours.
 
-        * official: ``patch_embed.{0,2,4,6}`` -> ``stem.conv{1..4}``; ``blocks.{n}`` are walked in
-          order and assigned from the file's own structure (``m.qkv``: attention, ``m.0``: MLP,
-          ``kv``: shrink attention, whose MLP is ``blocks.{n+1}``), so a file of another variant
-          fails with a clear shape / key report instead of being silently re-sliced.
+        * official: ``patch_embed.{0,2,4,6}`` -> ``stem.conv{1..4}``; the flat ``blocks.{n}``
+          get their place in our tree from the file's own structure (``m.qkv``: attention,
+          ``m.0``: MLP, ``kv``: shrink attention, whose MLP is ``blocks.{n+1}``:
+          :func:`_official_block_rules`), so a file of another variant fails with a clear
+          shape / key report instead of being silently re-sliced.
         * timm: same tree as ours with ``linear`` instead of ``c``; ``levit_conv_*`` stores the
           token Linear weights as 1x1 convs ``(out, in, 1, 1)``, squeezed here.
         * ``attention_bias_idxs`` buffers (official files) keep their name and are reported as
@@ -385,65 +386,54 @@ class LeViT(BaseDenseBackbone):
         """
         keys = list(state_dict)
         if any(k.startswith(('patch_embed.', 'blocks.')) for k in keys):
-            return self._convert_official(state_dict)
+            return rename_keys(state_dict, _official_block_rules(keys), layout='official')
         if any(k.startswith('stem.conv1.linear.') for k in keys) or any(
                 '.linear.' in k and k.startswith('stages.') for k in keys):
-            out = LayoutDict(layout='timm')
-            for k, v in state_dict.items():
-                k = k.replace('.linear.', '.c.')
-                if (k.startswith('stages.') and k.endswith('.c.weight') and v.dim() == 4
-                        and v.shape[2:] == (1, 1)):
-                    v = v[:, :, 0, 0]
-                    out.layout = 'timm_conv'
-                out[k] = v
-            return out
-        return LayoutDict(state_dict, layout='native')
+            conv = any(k.startswith('stages.') and k.endswith('.linear.weight') and v.dim() == 4
+                       for k, v in state_dict.items())
+            return rename_keys(state_dict, [(r'\.linear\.', '.c.')],
+                               layout='timm_conv' if conv else 'timm',
+                               value_rules=[(r'^stages\..*\.c\.weight$', _squeeze_1x1)])
+        return rename_keys(state_dict, (), layout='native')
 
-    @staticmethod
-    def _convert_official(state_dict):
-        kinds = {}
-        for k in state_dict:
-            m = re.match(r'blocks\.(\d+)\.(m\.qkv|m\.0|kv)\.', k)
-            if m:
-                kinds[int(m[1])] = {'m.qkv': 'attn', 'm.0': 'mlp', 'kv': 'sub'}[m[2]]
-        # walk the file's blocks: n -> our module prefix
-        prefix, stage, j, after_sub = {}, 0, 0, False
-        for n in sorted(kinds):
-            kind = kinds[n]
-            if kind == 'sub':
-                stage, j, after_sub = stage + 1, 0, True
-                prefix[n] = f'stages.{stage}.downsample.attn_downsample.'
-            elif kind == 'mlp' and after_sub:
-                prefix[n] = f'stages.{stage}.downsample.mlp.'
-                after_sub = False
-            elif kind == 'attn':
-                prefix[n] = f'stages.{stage}.blocks.{j}.attn.'
-            else:   # the MLP closing block j (official: attention, MLP pairs)
-                prefix[n] = f'stages.{stage}.blocks.{j}.mlp.'
-                j += 1
-        stem = {'0': 'conv1', '2': 'conv2', '4': 'conv3', '6': 'conv4'}
-        out = LayoutDict(layout='official')
-        for k, v in state_dict.items():
-            m = re.match(r'patch_embed\.(\d+)\.(.*)', k)
-            if m and m[1] in stem:
-                out[f'stem.{stem[m[1]]}.{m[2]}'] = v
-                continue
-            m = re.match(r'blocks\.(\d+)\.(.*)', k)
-            if m and int(m[1]) in prefix:
-                n, rest = int(m[1]), m[2]
-                kind = kinds[n]
-                if kind == 'sub':
-                    rest = re.sub(r'^(q|proj)\.1\.', r'\1.ln.', rest)
-                elif kind == 'attn':
-                    rest = re.sub(r'^m\.proj\.1\.', 'proj.ln.', rest)
-                    rest = re.sub(r'^m\.', '', rest)
-                else:
-                    rest = re.sub(r'^m\.0\.', 'ln1.', rest)
-                    rest = re.sub(r'^m\.2\.', 'ln2.', rest)
-                out[prefix[n] + rest] = v
-                continue
-            out[k] = v
-        return out
+
+def _squeeze_1x1(v):
+    return v[:, :, 0, 0] if v.dim() == 4 and v.shape[2:] == (1, 1) else v
+
+
+def _official_block_rules(keys):
+    """The renaming rules of an official LeViT file, from the order of its ``blocks.{n}``."""
+    kinds = {}
+    for k in keys:
+        m = re.match(r'blocks\.(\d+)\.(m\.qkv|m\.0|kv)\.', k)
+        if m:
+            kinds[int(m[1])] = {'m.qkv': 'attn', 'm.0': 'mlp', 'kv': 'sub'}[m[2]]
+    # walk the file's blocks: n -> our module prefix
+    prefix, stage, j, after_sub = {}, 0, 0, False
+    for n in sorted(kinds):
+        kind = kinds[n]
+        if kind == 'sub':
+            stage, j, after_sub = stage + 1, 0, True
+            prefix[n] = f'stages.{stage}.downsample.attn_downsample.'
+        elif kind == 'mlp' and after_sub:
+            prefix[n] = f'stages.{stage}.downsample.mlp.'
+            after_sub = False
+        elif kind == 'attn':
+            prefix[n] = f'stages.{stage}.blocks.{j}.attn.'
+        else:   # the MLP closing block j (official: attention, MLP pairs)
+            prefix[n] = f'stages.{stage}.blocks.{j}.mlp.'
+            j += 1
+    stem = {'0': 'conv1', '2': 'conv2', '4': 'conv3', '6': 'conv4'}
+    return [
+        (r'^patch_embed\.([0246])\.', lambda m: f'stem.{stem[m[1]]}.'),
+        (r'^blocks\.(\d+)\.', lambda m: prefix.get(int(m[1]), m[0])),
+        # inside the blocks: official Sequential indices -> our names
+        (r'(\.attn_downsample\.)(q|proj)\.1\.', r'\1\2.ln.'),
+        (r'(\.blocks\.\d+\.attn\.)m\.proj\.1\.', r'\1proj.ln.'),
+        (r'(\.blocks\.\d+\.attn\.)m\.', r'\1'),
+        (r'(\.mlp\.)m\.0\.', r'\1ln1.'),
+        (r'(\.mlp\.)m\.2\.', r'\1ln2.'),
+    ]
 
 
 __all__ = ['LeViT', 'Attention', 'AttentionSubsample']

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import LayoutDict
+from ..checkpoint import rename_keys
 from ..registry import MODELS
 from .base import BaseDenseBackbone
 from .layers import drop_path_or_identity, fold_conv_bn_pairs_
@@ -551,7 +551,7 @@ class MobileFormer(BaseDenseBackbone):
         :attr:`ignored_key_patterns`.
         """
         official = any(k.startswith(('classifier.', 'local_global.')) for k in state_dict)
-        return LayoutDict(state_dict, layout='official' if official else 'native')
+        return rename_keys(state_dict, (), layout='official' if official else 'native')
 
 
 __all__ = ['MobileFormer']

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import LayoutDict, rename_keys
+from ..checkpoint import rename_keys
 from ..registry import MODELS
 from .base import BaseDenseBackbone
 from .layers import (ConvBN, LayerScale, drop_path_or_identity, fold_bn_, fold_conv_bn_pairs_,
@@ -227,22 +227,20 @@ class SwiftFormer(BaseDenseBackbone):
         """Official (``patch_embed``/``network``/``norm{0,2,4,6}``) or timm layout -> ours."""
         keys = list(state_dict)
         if any(k.startswith(('network.', 'patch_embed.')) for k in keys):
-            rules = [
-                (r'^patch_embed\.', 'stem.'),
-                (r'^network\.(\d+)\.(\d+)\.', lambda m: f'stages.{int(m[1]) // 2}.blocks.{m[2]}.'),
-                (r'^network\.(\d+)\.', lambda m: f'stages.{(int(m[1]) + 1) // 2}.downsample.'),
-                (r'^norm([0246])\.', lambda m: f'out_norms.{int(m[1]) // 2}.'),
-            ]
-            sd = rename_keys(state_dict, rules, layout='official')
-            out = LayoutDict(layout='official')
-            for k, v in sd.items():
-                k = k.replace('.attn.Proj.', '.attn.proj.')
-                if k.endswith(('.layer_scale', '.layer_scale_1', '.layer_scale_2')):
-                    k += '.gamma'
-                out[k] = v
-            return out
+            return rename_keys(state_dict, _OFFICIAL_RULES, layout='official')
         layout = 'timm' if any(k.startswith('stages.') for k in keys) else 'native'
-        return LayoutDict(state_dict, layout=layout)
+        return rename_keys(state_dict, (), layout=layout)
+
+
+#: official layout -> ours, applied in order by :func:`~effbackbones.checkpoint.rename_keys`
+_OFFICIAL_RULES = [
+    (r'^patch_embed\.', 'stem.'),
+    (r'^network\.(\d+)\.(\d+)\.', lambda m: f'stages.{int(m[1]) // 2}.blocks.{m[2]}.'),
+    (r'^network\.(\d+)\.', lambda m: f'stages.{(int(m[1]) + 1) // 2}.downsample.'),
+    (r'^norm([0246])\.', lambda m: f'out_norms.{int(m[1]) // 2}.'),
+    (r'\.attn\.Proj\.', '.attn.proj.'),
+    (r'\.(layer_scale(?:_[12])?)$', r'.\1.gamma'),
+]
 
 
 __all__ = ['SwiftFormer']

@@ -49,6 +49,17 @@ def register_toolbox(toolbox):
     register_all_modules(init_default_scope=False)
 
 
+def build_model(cfg):
+    """The (detector / segmentor) model of a config, without loading any weights."""
+    from mmengine.registry import MODELS, DefaultScope
+    register_toolbox(detect_toolbox(cfg))
+    model_cfg = cfg.model.copy()
+    if model_cfg.get('backbone', {}).get('init_cfg') is not None:
+        model_cfg.backbone.init_cfg = None
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        return MODELS.build(model_cfg)
+
+
 def _dataset_cfgs(cfg, which):
     for name in which:
         loader = cfg.get(name)
@@ -114,9 +125,15 @@ def _iter_init_cfgs(node):
 
 
 def check_pretrained_files(cfg):
-    """Exit early, with the fix, when an ImageNet checkpoint named in the config is missing."""
+    """Exit early, with the fix, when an ImageNet checkpoint named in the config is missing.
+
+    With ``resume`` / ``load_from`` the checkpoint provides every weight (StrictLoadHook), so
+    the backbone's ImageNet ``init_cfg`` is dropped instead: its file need not exist."""
     if cfg.get('resume') or cfg.get('load_from'):
-        return  # weights come from the resumed / loaded checkpoint
+        backbone = cfg.get('model', {}).get('backbone')
+        if backbone is not None and backbone.get('init_cfg') is not None:
+            backbone.init_cfg = None
+        return
     for init_cfg in _iter_init_cfgs(cfg.get('model', {})):
         ckpt = init_cfg.get('checkpoint')
         if init_cfg.get('type') == 'Pretrained' and isinstance(ckpt, str) and \
@@ -147,7 +164,24 @@ def prepare_config(cfg, args, work_dir_default):
         wrapper.setdefault('broadcast_buffers', False)
         cfg.model_wrapper_cfg = wrapper
         _init_cpu_process_group()
+    add_strict_load_hook(cfg, strict=not getattr(args, 'load_not_strict', False))
     return cfg
+
+
+def add_strict_load_hook(cfg, strict=True):
+    """Make every checkpoint the runner loads go through ``effbackbones.StrictLoadHook``
+    (official dense layouts converted, partial loads refused); ``strict`` overrides the
+    config's own setting of the hook."""
+    hooks = list(cfg.get('custom_hooks') or [])
+    mine = [h for h in hooks if h.get('type') in ('effbackbones.StrictLoadHook',
+                                                   'StrictLoadHook')]
+    if not mine:
+        mine = [dict(type='effbackbones.StrictLoadHook')]
+        hooks.append(mine[0])
+    if not strict:
+        for h in mine:
+            h['strict'] = False
+    cfg.custom_hooks = hooks
 
 
 def _init_cpu_process_group():
@@ -165,6 +199,10 @@ def add_common_args(parser):
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher (dist_train.sh uses pytorch)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument('--load-not-strict', action='store_true',
+                        help='accept a checkpoint (load_from / tools/test.py CHECKPOINT) that '
+                             'fits the model only partly: missing, unexpected and '
+                             'shape-mismatched tensors become warnings instead of errors')
     return parser
 
 
@@ -176,9 +214,14 @@ def parse_common(parser, argv=None):
 
 
 def main_guard(fn):
-    """Run ``fn`` and turn our SystemExit messages into a clean, non-zero exit."""
+    """Run ``fn`` and turn our SystemExit messages and checkpoint errors (the load report
+    naming what does not fit) into a clean exit with status 2."""
+    from effbackbones.checkpoint import CheckpointError
     try:
         fn()
+    except CheckpointError as exc:
+        print(f'CheckpointError: {exc}', file=sys.stderr)
+        sys.exit(2)
     except SystemExit as exc:
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
