@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import LayoutDict
 from ..registry import MODELS
-from .base import BaseDenseBackbone
+from .base import BaseDenseBackbone, BlockStage
 from .layers import drop_path_or_identity, fold_conv_bn_pairs_
 
 CONV_ONLY = 'conv-only'
@@ -344,6 +344,28 @@ class DoubleDepthwiseBlock(_BridgedBlock):
         return out, tokens
 
 
+class MobileFormerBlocks(BlockStage, nn.Sequential):
+    """The authors' ``features``: all blocks in one sequence (children ``0``, ``1``... as in
+    their checkpoints), which is the stage here: its forward runs each block on ``(x, tokens)``
+    through ``run_block`` and collects the maps the backbone returns."""
+
+    def __init__(self, blocks, with_cp=False):
+        super().__init__(with_cp)
+        for i, block in enumerate(blocks):
+            self.add_module(str(i), block)
+
+    def forward(self, x, tokens, collect=(), last=-1):
+        """Run blocks ``0..last`` (all when ``last < 0``); returns the maps after the blocks in
+        ``collect`` (in block order) and the tokens after the last block run."""
+        last = len(self) - 1 if last < 0 else last
+        maps = []
+        for i in range(last + 1):
+            x, tokens = self.run_block(self[i], x, tokens)
+            if i in collect:
+                maps.append(x)
+        return maps, tokens
+
+
 class Stem(nn.Sequential):
     """conv3x3/2 (no bias) - BN - ReLU6."""
 
@@ -479,7 +501,7 @@ class MobileFormer(BaseDenseBackbone):
                                                    **common))
             inp, stride_now = oup, stride_now * s
             block_strides.append(stride_now)
-        self.features = nn.Sequential(*blocks)
+        self.features = MobileFormerBlocks(blocks, self.with_cp)
 
         # the returned map of each stride is the output of the last block at that stride
         self.block_strides = tuple(block_strides)
@@ -516,13 +538,8 @@ class MobileFormer(BaseDenseBackbone):
         self.check_input(x)
         x = self.stem(x)
         tokens = self.tokens.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
-        wanted = {self.out_blocks[i] for i in self.out_indices}
-        last = len(self.features) - 1 if self.return_tokens else max(wanted)
-        outs = []
-        for i in range(last + 1):
-            x, tokens = self.run_block(self.features[i], x, tokens)
-            if i in wanted:
-                outs.append(x)
+        wanted = tuple(self.out_blocks[i] for i in self.out_indices)
+        outs, tokens = self.features(x, tokens, wanted, -1 if self.return_tokens else wanted[-1])
         if self.return_tokens:
             outs.append(tokens)
         return tuple(outs)
