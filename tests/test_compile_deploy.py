@@ -115,8 +115,8 @@ def test_deploy_folds_every_batchnorm_and_layer_scale(family, arch):
         model.switch_to_deploy()
         outs = model(x)
     left = [n for n, m in model.named_modules()
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, LayerScale) + noops)
-            and not _not_foldable(family, model, n)]
+            if (isinstance(m, (nn.modules.batchnorm._BatchNorm, LayerScale) + noops)
+                and not _not_foldable(family, model, n)) or type(m) is nn.GroupNorm]
     assert not left, left[:5]
     _assert_close(outs, ref, rel=1e-4)
 
@@ -203,3 +203,19 @@ def test_with_cp_reaches_every_stage():
     assert len(stages) == 4 and all(s.with_cp for s in stages)
     model.with_cp = False
     assert not any(s.with_cp for s in stages)
+
+
+@pytest.mark.parametrize('groups,shape', [(1, (2, 6, 5, 7)), (3, (1, 6, 4, 9)), (2, (2, 4, 11))])
+def test_exportable_group_norm_equals_group_norm(groups, shape):
+    from effbackbones.models.layers import ExportableGroupNorm, exportable_group_norms_
+    gn = nn.GroupNorm(groups, shape[1])
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 1.5)
+        gn.bias.uniform_(-1, 1)
+    holder = nn.Sequential(gn)
+    exportable_group_norms_(holder)
+    assert type(holder[0]) is ExportableGroupNorm
+    assert holder[0].state_dict().keys() == gn.state_dict().keys()
+    x = torch.randn(shape) * 3 + 5           # a mean large against the spread
+    with torch.no_grad():
+        torch.testing.assert_close(holder[0](x), gn(x), rtol=1e-5, atol=1e-5)

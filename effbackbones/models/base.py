@@ -38,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import load_pretrained
 from .attention_bias import RelPosBiasAttention
-from .layers import DropPath
+from .layers import DropPath, exportable_group_norms_
 
 
 @contextlib.contextmanager
@@ -283,7 +283,9 @@ class BaseDenseBackbone(BaseModule):
     def switch_to_deploy(self, input_size=None):
         """Fold for inference: every BatchNorm next to a conv / linear layer and every layer
         scale is folded into that layer (the ``norm`` / scale children become ``nn.Identity``),
-        and dropout / drop-path modules (identities in eval mode) become ``nn.Identity``.
+        dropout / drop-path modules (identities in eval mode) become ``nn.Identity``, and
+        GroupNorms become :class:`~.layers.ExportableGroupNorm` (same values and parameters;
+        exported, ONNX Runtime / OpenVINO compute it as precisely as PyTorch).
 
         With ``input_size=(H, W)`` the attention biases of that input size are also computed
         once and kept as buffers (:meth:`pin_attention_biases`), so a forward at that size
@@ -303,6 +305,7 @@ class BaseDenseBackbone(BaseModule):
                 if m is not self and hasattr(m, 'switch_to_deploy'):
                     m.switch_to_deploy()
             replace_inference_noops_(self)
+            exportable_group_norms_(self)
             self.deploy = True
         if input_size is not None:
             self.pin_attention_biases(input_size)

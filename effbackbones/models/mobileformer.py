@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from ..checkpoint import LayoutDict
 from ..registry import MODELS
 from .base import BaseDenseBackbone, BlockStage
-from .layers import drop_path_or_identity, fold_conv_bn_pairs_
+from .layers import drop_path_or_identity, fold_conv_bn_pairs_, fold_scale_into_
 
 CONV_ONLY = 'conv-only'
 PW_DW_PW = 'pw-dw-pw'          # authors' DnaBlock
@@ -207,17 +207,39 @@ class FormerToMobile(nn.Module):
         self.k = nn.Linear(token_dim, channels)
         self.proj = nn.Linear(token_dim, channels)
         self.drop_path = drop_path_or_identity(drop_path)
+        #: deploy form (:meth:`_attend_map`)
+        self.attend_map = False
 
     def forward(self, x, tokens):
         b, c, h, w = x.shape
         m = tokens.shape[1]
         hd = c // self.num_heads
-        q = x.reshape(b, self.num_heads, hd, h * w).transpose(-1, -2)             # B,h,HW,c
         k = self.k(tokens).transpose(1, 2).reshape(b, self.num_heads, hd, m)      # B,h,c,M
         v = self.proj(tokens).transpose(1, 2).reshape(b, self.num_heads, hd, m)   # B,h,c,M
+        if self.attend_map:
+            return x + self.drop_path(self._attend_map(x, k, v))
+        q = x.reshape(b, self.num_heads, hd, h * w).transpose(-1, -2)             # B,h,HW,c
         attn = ((q @ k) * self.scale).softmax(dim=-1)                            # B,h,HW,M
         out = (attn @ v.transpose(-1, -2)).transpose(-1, -2).reshape(b, c, h, w)
         return x + self.drop_path(out)
+
+    def _attend_map(self, x, k, v):
+        """The same attention with the map kept channels-first: logits as ``(B, h, M, HW)``,
+        softmax over the tokens (dim 2), ``v @ attn`` is already ``(B, h, c, HW)`` -- no
+        transpose of the full map on either side. The deployed form (``scale`` folded into
+        ``k``)."""
+        b, c, h, w = x.shape
+        q = x.reshape(b, self.num_heads, c // self.num_heads, h * w)               # B,h,c,HW
+        logits = k.transpose(-1, -2) @ q                                          # B,h,M,HW
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        return (v @ logits.softmax(dim=2)).reshape(b, c, h, w)
+
+    @torch.no_grad()
+    def switch_to_deploy(self):
+        fold_scale_into_(self.k, torch.full((self.k.out_features,), self.scale))
+        self.scale = 1.0
+        self.attend_map = True
 
 
 # --------------------------------------------------------------------------------------------
