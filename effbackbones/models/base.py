@@ -38,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import load_pretrained
 from .attention_bias import RelPosBiasAttention
-from .layers import DropPath, exportable_group_norms_
+from .layers import exportable_group_norms_, replace_inference_noops_
 
 
 @contextlib.contextmanager
@@ -58,16 +58,6 @@ def bn_stats_frozen(module):
         for m, momentum, tracked in saved:
             m.momentum = momentum
             m.num_batches_tracked.copy_(tracked)
-
-
-def replace_inference_noops_(module):
-    """Replace every ``nn.Dropout`` / :class:`~.layers.DropPath` below ``module`` by
-    ``nn.Identity`` (what they compute in eval mode), so a deployed or exported graph has no
-    trace of them."""
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, (nn.Dropout, DropPath)):
-                setattr(parent, name, nn.Identity())
 
 
 class BlockStage(nn.Module):

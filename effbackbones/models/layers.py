@@ -1,5 +1,6 @@
 """Building blocks shared by every family: drop-path and its schedule, layer scale, conv/linear +
-BN pairs, and the deploy-time folding of BN and layer scales into the neighbouring layers.
+BN pairs, and the deploy-time rewrites: folding BN and layer scales into the neighbouring layers,
+dropping eval-mode no-ops, the exportable GroupNorm.
 
 Everything that more than one family needs lives here once; a family file only composes them.
 (The relative-position attention biases live in :mod:`.attention_bias`.)
@@ -187,6 +188,16 @@ def fold_layer_scale_(module, scale_name, layer):
     setattr(module, scale_name, nn.Identity())
 
 
+def replace_inference_noops_(module):
+    """Replace every ``nn.Dropout`` / :class:`DropPath` below ``module`` by
+    ``nn.Identity`` (what they compute in eval mode), so a deployed or exported graph has no
+    trace of them."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Dropout, DropPath)):
+                setattr(parent, name, nn.Identity())
+
+
 class ExportableGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` as explicit ops whose means are taken one axis at a time, for deployed /
     exported models; same values in PyTorch, same parameters.
@@ -285,4 +296,5 @@ class LinearBN(nn.Sequential):
 __all__ = ['DropPath', 'drop_path_or_identity', 'stochastic_depth_schedule', 'LayerScale',
            'LayerScale2d', 'fuse_conv_bn', 'fuse_bn_conv1x1', 'fuse_linear_bn', 'fuse_bn_linear',
            'fold_bn_', 'fold_conv_bn_pairs_', 'fold_scale_into_', 'fold_layer_scale_',
-           'ExportableGroupNorm', 'exportable_group_norms_', 'ConvBN', 'LinearBN']
+           'replace_inference_noops_', 'ExportableGroupNorm', 'exportable_group_norms_', 'ConvBN',
+           'LinearBN']
