@@ -41,9 +41,8 @@ Pinned bias (deploy): for a fixed input size the bias can be computed once and k
 non-persistent buffer ``pinned_bias`` (:meth:`RelPosBiasAttention.start_pinning`, driven by
 ``BaseDenseBackbone.pin_attention_biases``). It is served in eval mode, traced or not, grad enabled
 or not, whenever the same grid comes again (training ignores it), so an exported graph holds it as a
-constant
-and a compiled graph does not recompute it. Loading a state dict drops it; ``train()`` / ``eval()``
-and ``.to()`` keep it (a buffer follows the module).
+constant and a compiled graph does not recompute it. Loading a state dict drops it; ``train()`` /
+``eval()`` and ``.to()`` keep it (a buffer follows the module).
 """
 import math
 from collections import OrderedDict
