@@ -68,9 +68,10 @@ def test_forward_is_one_graph_without_recompiles(family, arch):
     _assert_close(cached, ref)
 
 
-@pytest.mark.parametrize('family,arch', [c for c in CASES if c[0] in (
-    'EfficientFormer', 'EfficientFormerV2', 'LeViT')])
+@pytest.mark.parametrize('family,arch', CASES)
 def test_deployed_with_pinned_biases_is_one_graph(family, arch):
+    """The deployed forms (pinned biases; SwiftFormer's and Mobile-Former's channels-first
+    attentions) are one graph as well, with the eager model's outputs."""
     model = _model(family, arch)
     x = torch.randn(1, 3, *SIZE)
     with torch.no_grad():
