@@ -250,6 +250,19 @@ def _names(keys, limit=12):
     return ', '.join(keys) if len(keys) <= limit else _summarise(keys, limit)
 
 
+def _report_text(header, matched, rows, mismatched, mismatch_limit):
+    """The load report both loaders log: a header, ``matched``, one line per ``(label, keys,
+    formatter)`` row, and the shape mismatches (file vs model) when there are any."""
+    lines = [header, f'  matched   : {matched}']
+    lines += [f'  {label:<10}: {len(keys)}' + (f'  ({fmt(keys)})' if keys else '')
+              for label, keys, fmt in rows]
+    if mismatched:
+        lines.append(f'  shape mismatch: {len(mismatched)}  (' + ', '.join(
+            f'{k}: file {a} vs model {b}' for k, a, b in mismatched[:mismatch_limit]) +
+            (' ...' if len(mismatched) > mismatch_limit else '') + ')')
+    return '\n'.join(lines)
+
+
 def load_pretrained(model, checkpoint, prefix=None, strict=True, allow_unsafe=False,
                     map_location='cpu', logger='current'):
     """Load ``checkpoint`` (path or dict) into ``model`` through its family's filter.
@@ -285,19 +298,13 @@ def load_pretrained(model, checkpoint, prefix=None, strict=True, allow_unsafe=Fa
 
     arch = getattr(model, 'arch_name', '?')
     family = type(model).__name__
-    lines = [f'[{family} {arch}] loading {name}: wrapper={wrapper!r}, layout={layout}, '
-             f'{len(state_dict)} tensors in the file',
-             f'  matched   : {len(matched)}/{len(own)} backbone tensors',
-             f'  new       : {len(new)}' + (f'  ({_summarise(new)})' if new else ''),
-             f'  ignored   : {len(ignored)}' + (f'  ({_summarise(ignored)})' if ignored else ''),
-             f'  missing   : {len(missing)}' + (f'  ({_summarise(missing)})' if missing else ''),
-             f'  unexpected: {len(unexpected)}' +
-             (f'  ({_summarise(unexpected)})' if unexpected else '')]
-    if mismatched:
-        lines.append(f'  shape mismatch: {len(mismatched)}  (' + ', '.join(
-            f'{k}: file {a} vs model {b}' for k, a, b in mismatched[:5]) +
-            (' ...' if len(mismatched) > 5 else '') + ')')
-    report_text = '\n'.join(lines)
+    report_text = _report_text(
+        f'[{family} {arch}] loading {name}: wrapper={wrapper!r}, layout={layout}, '
+        f'{len(state_dict)} tensors in the file',
+        f'{len(matched)}/{len(own)} backbone tensors',
+        [('new', new, _summarise), ('ignored', ignored, _summarise),
+         ('missing', missing, _summarise), ('unexpected', unexpected, _summarise)],
+        mismatched, mismatch_limit=5)
     report = dict(matched=matched, new=new, ignored=ignored, missing=missing,
                   unexpected=unexpected, mismatched=mismatched, wrapper=wrapper, layout=layout,
                   text=report_text)
@@ -469,21 +476,14 @@ def convert_model_checkpoint(model, checkpoint, strict=True, name=None, logger='
     model_name = type(model).__name__
     n_bb = sum(1 for k in own if any(k.startswith(p) for p, _ in backbones))
     m_bb = sum(1 for k in matched if any(k.startswith(p) for p, _ in backbones))
-    lines = [f'[{model_name}] loading {name}: wrapper={wrapper!r}, '
-             f'{len(state_dict)} tensors in the file'
-             + (f'; backbone {", ".join(layouts)}' if layouts else ''),
-             f'  matched   : {len(matched)}/{len(own)} model tensors '
-             f'(backbone {m_bb}/{n_bb}, rest {len(matched) - m_bb}/{len(own) - n_bb})',
-             f'  ignored   : {len(ignored)}' + (f'  ({_summarise(ignored)})' if ignored else ''),
-             f'  missing   : {len(missing)}' + (f'  ({_names(missing)})' if missing
-                                                 else ''),
-             f'  unexpected: {len(unexpected)}' +
-             (f'  ({_names(unexpected)})' if unexpected else '')]
-    if mismatched:
-        lines.append(f'  shape mismatch: {len(mismatched)}  (' + ', '.join(
-            f'{k}: file {a} vs model {b}' for k, a, b in mismatched[:8]) +
-            (' ...' if len(mismatched) > 8 else '') + ')')
-    text = '\n'.join(lines)
+    text = _report_text(
+        f'[{model_name}] loading {name}: wrapper={wrapper!r}, {len(state_dict)} tensors in '
+        f'the file' + (f'; backbone {", ".join(layouts)}' if layouts else ''),
+        f'{len(matched)}/{len(own)} model tensors (backbone {m_bb}/{n_bb}, '
+        f'rest {len(matched) - m_bb}/{len(own) - n_bb})',
+        [('ignored', ignored, _summarise), ('missing', missing, _names),
+         ('unexpected', unexpected, _names)],
+        mismatched, mismatch_limit=8)
     report = dict(matched=matched, ignored=ignored, missing=missing, unexpected=unexpected,
                   mismatched=mismatched, wrapper=wrapper, layouts=layouts, text=text)
     problems = bool(mismatched or missing or unexpected)
