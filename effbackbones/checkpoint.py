@@ -310,10 +310,15 @@ def load_pretrained(model, checkpoint, prefix=None, strict=True, allow_unsafe=Fa
                   text=report_text)
 
     if mismatched:
+        tables = [k for k, _, _ in mismatched if k.endswith('attention_biases_seg')]
+        hint = ('Is it a checkpoint of another variant? Pick the arch the file was trained with.'
+                if len(tables) < len(mismatched) else
+                'Only the dense attention-bias tables differ: the file was trained on another '
+                'bias grid. Set bias_grid to its grid (25: COCO detection releases, 16: ADE20K '
+                'segmentation releases), i.e. use the config of that task.')
         raise CheckpointError(
             f'{report_text}\nThe checkpoint does not fit {family}(arch={arch!r}): '
-            f'{len(mismatched)} tensors have other shapes. Is it a checkpoint of another '
-            f'variant? Pick the arch the file was trained with.')
+            f'{len(mismatched)} tensors have other shapes. {hint}')
     if not matched:
         raise CheckpointError(
             f'{report_text}\nNothing in the checkpoint matches {family}(arch={arch!r}): it is '
