@@ -21,6 +21,7 @@ tools/get_flops.py counts them, on the eager model). A runtime that fails to bui
 """
 import argparse
 import copy
+import os
 import os.path as osp
 import platform
 import statistics
@@ -214,7 +215,8 @@ def main(argv=None):
                 versions.append(f'{mod} not installed')
     header = (f'backbone latency, input {args.batch}x3x{h}x{w}, {args.dtype}, {args.device} '
               f'({machine}), {", ".join(versions)}, median of {args.repeats} (p90), interleaved; '
-              f'{args.dtype} GEMM rate {peak / 1e9:.0f} GFLOP/s')
+              f'{args.dtype} GEMM rate {peak / 1e9:.0f} GFLOP/s; load average at start '
+              f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
     lines = [header, '', '| model | arch | runtime | median ms | p90 ms | vs eager | '
              '% of GEMM peak | max rel diff |', '|---|---|---|---|---|---|---|---|']
     print(header, flush=True)
