@@ -228,7 +228,11 @@ def main(argv=None):
             macs = model_macs(variants[0][1], x)
             times, diffs, errors = time_variants(variants, x, args.repeats, args.warmup,
                                                  args.device, dtype)
+            # the best GEMM rate seen (before and after each model): on a shared machine one
+            # measurement can land in a busy moment
+            peak = max(peak, gemm_rate(args.device, dtype))
             eager = statistics.median(times['eager'])
+            lines.append(f'| (GEMM peak so far: {peak / 1e9:.0f} GFLOP/s) | | | | | | | |')
             for n, _, _ in variants:
                 if n in errors:
                     row = f'| {cls.__name__} | {arch} | {n} | failed: {errors[n]} | | | | |'
