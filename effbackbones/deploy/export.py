@@ -164,7 +164,7 @@ class SegmentorLogits(nn.Module):
         return ['seg_logits']
 
     def forward(self, x):
-        return self.model.decode_head.forward(self.model.extract_feat(x))
+        return (self.model.decode_head.forward(self.model.extract_feat(x)),)
 
 
 class SingleStageRaw(nn.Module):
@@ -336,21 +336,51 @@ class TwoPassGroupNorm(nn.Module):
         return y
 
 
+class ScaleUpsample(nn.Module):
+    """mmseg's ``Upsample`` by an integer factor, as ``F.interpolate(scale_factor=...)``.
+
+    mmseg computes the output size as Python ``int``\ s from the input shape, which a traced
+    graph keeps as constants (a dynamic Semantic FPN would upsample every size to the traced
+    one); with an integer factor both give the same size and the same sampling positions.
+    """
+
+    def __init__(self, up):
+        super().__init__()
+        self.scale_factor, self.mode, self.align_corners = \
+            up.scale_factor, up.mode, up.align_corners
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode,
+                             align_corners=self.align_corners)
+
+
+def _export_equivalent(m):
+    """The export-friendly stand-in for module ``m``, or ``None`` to keep it."""
+    if isinstance(m, nn.GroupNorm):
+        return TwoPassGroupNorm(m)
+    if type(m).__name__ == 'Upsample' and type(m).__module__.startswith('mmseg') and \
+            not m.size and isinstance(m.scale_factor, float) and m.scale_factor.is_integer():
+        return ScaleUpsample(m)
+    return None
+
+
 @contextlib.contextmanager
 def export_friendly(module):
-    """Swap the sub-modules whose default ONNX graph is less accurate for equivalents
-    (:class:`TwoPassGroupNorm`) while exporting; restored afterwards."""
+    """Swap the sub-modules whose default ONNX graph is less accurate (:class:`TwoPassGroupNorm`)
+    or frozen to the traced size (:class:`ScaleUpsample`) for equivalents while exporting;
+    restored afterwards."""
     swaps = []
     for name, m in list(module.named_modules()):
-        if isinstance(m, nn.GroupNorm):
+        new = _export_equivalent(m)
+        if new is not None:
             parent = module.get_submodule(name.rpartition('.')[0]) if '.' in name else module
-            swaps.append((parent, name.rpartition('.')[2], m))
+            swaps.append((parent, name.rpartition('.')[2], m, new))
     try:
-        for parent, attr, m in swaps:
-            setattr(parent, attr, TwoPassGroupNorm(m))
+        for parent, attr, _, new in swaps:
+            setattr(parent, attr, new)
         yield module
     finally:
-        for parent, attr, m in swaps:
+        for parent, attr, m, _ in swaps:
             setattr(parent, attr, m)
 
 
