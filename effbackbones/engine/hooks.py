@@ -22,4 +22,4 @@ class DeployHook(Hook):
             model.get_submodule(name).switch_to_deploy()
         if not switched:
             raise RuntimeError('DeployHook: the model has no effbackbones backbone to deploy')
-        runner.logger.info(f'deploy mode: BN folded and attention biases cached in {switched}')
+        runner.logger.info(f'deploy mode: BN and layer scales folded in {switched}')

@@ -33,6 +33,17 @@ wanted for the table (eval mode, and grad disabled or the table frozen); otherwi
 computed live so gradients reach the table. An entry is served only while the table keeps the
 device, dtype and version (in-place edits) it was computed from, and the cache is emptied by
 ``train()`` / ``eval()``, by loading a state dict and by moving the module (``.to()``, ``.half()``).
+While ``torch.compile`` traces or ``torch.jit`` / ``torch.onnx`` trace, the LRU is not used (it is
+Python state: it would break the graph, or bake one size into a graph meant for others): the bias
+is computed in the graph.
+
+Pinned bias (deploy): for a fixed input size the bias can be computed once and kept as a
+non-persistent buffer ``pinned_bias`` (:meth:`RelPosBiasAttention.start_pinning`, driven by
+``BaseDenseBackbone.pin_attention_biases``). It is served in eval mode, traced or not, grad enabled
+or not, whenever the same grid comes again (training ignores it), so an exported graph holds it as a
+constant
+and a compiled graph does not recompute it. Loading a state dict drops it; ``train()`` / ``eval()``
+and ``.to()`` keep it (a buffer follows the module).
 """
 import math
 from collections import OrderedDict
@@ -230,6 +241,10 @@ class RelPosBiasAttention(nn.Module):
             self.attention_biases = nn.Parameter(table)
         self._bias_cache = BiasCache(cache_size)     # (q_hw, k_hw, dtype) -> (heads, Nq, Nk)
         self._table_cache = BiasCache(cache_size)    # k_hw -> (heads, H, W), pretrained mode
+        # deploy: the one bias (or offset table) of a fixed input size, see the module docstring
+        self.register_buffer('pinned_bias', None, persistent=False)
+        self.pinned_key = None
+        self._pin_next = False
 
     # -- biases -----------------------------------------------------------------------------
     def bias_table(self):
@@ -237,11 +252,25 @@ class RelPosBiasAttention(nn.Module):
         return self.attention_biases_seg if self.bias_mode == 'official' else \
             self.attention_biases
 
-    def _cached(self, cache, key, make):
-        """``make()``, served from ``cache`` when no gradient can be wanted for the table."""
-        table = self.bias_table()
-        if self.training or (torch.is_grad_enabled() and table.requires_grad):
+    def _cached(self, kind, key, make):
+        """``make()``, served from the pinned buffer or the ``kind`` LRU (``'bias'`` or
+        ``'table'``) when no gradient can be wanted for the table."""
+        if self.training:
             return make()
+        if self.pinned_bias is not None and self.pinned_key == (kind, key):
+            return self.pinned_bias           # an explicit deploy choice: also with grad enabled
+        table = self.bias_table()
+        if torch.is_grad_enabled() and table.requires_grad:
+            return make()
+        if self._pin_next:
+            self._pin_next = False           # pin the outermost request only
+            with torch.no_grad():
+                self.pinned_bias = make().detach().clone()
+            self.pinned_key = (kind, key)
+            return self.pinned_bias
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return make()
+        cache = self._bias_cache if kind == 'bias' else self._table_cache
         stamp = _table_stamp(table)
         value = cache.lookup(key, stamp)
         if value is None:
@@ -261,7 +290,7 @@ class RelPosBiasAttention(nn.Module):
         """Pretrained mode: the ``(heads, H, W)`` offset table for a runtime key grid (cropped /
         resized per dimension; cached in eval like the biases)."""
         k_hw = (int(k_hw[0]), int(k_hw[1]))
-        return self._cached(self._table_cache, k_hw, lambda: table_for_grid(
+        return self._cached('table', k_hw, lambda: table_for_grid(
             self.attention_biases, self.table_hw, k_hw))
 
     def attention_bias(self, q_hw, k_hw, dtype=None):
@@ -269,7 +298,7 @@ class RelPosBiasAttention(nn.Module):
         ``dtype`` if given, else the table's)."""
         q_hw = (int(q_hw[0]), int(q_hw[1]))
         k_hw = (int(k_hw[0]), int(k_hw[1]))
-        return self._cached(self._bias_cache, (q_hw, k_hw, dtype),
+        return self._cached('bias', (q_hw, k_hw, dtype),
                             lambda: self._compute_bias(q_hw, k_hw, dtype))
 
     def _compute_bias(self, q_hw, k_hw, dtype=None):
@@ -282,8 +311,23 @@ class RelPosBiasAttention(nn.Module):
             bias = gather_offset_bias(table, dy, dx)
         return bias if dtype is None else bias.to(dtype)
 
+    # -- pinning (deploy) -------------------------------------------------------------------
+    def start_pinning(self):
+        """The next bias (or offset table) this module computes in eval mode is pinned (kept as
+        the ``pinned_bias`` buffer, replacing any earlier one)."""
+        self.drop_pinned_bias()
+        self._pin_next = True
+
+    def stop_pinning(self):
+        self._pin_next = False
+
+    def drop_pinned_bias(self):
+        self.pinned_bias = None
+        self.pinned_key = None
+
     # -- cache invalidation -----------------------------------------------------------------
     def clear_bias_cache(self):
+        """Empty the per-size LRU caches (the pinned bias, a deploy choice, stays)."""
         self._bias_cache.clear()
         self._table_cache.clear()
 
@@ -297,6 +341,7 @@ class RelPosBiasAttention(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.clear_bias_cache()
+        self.drop_pinned_bias()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self):

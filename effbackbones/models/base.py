@@ -8,19 +8,27 @@ architecture:
 * input checks with clear ``ValueError``s (channels, rank, side divisibility where needed);
 * ``frozen_stages`` (mmdet semantics: ``0`` freezes the stem, ``k`` the stem and stages
   ``0..k-1`` with their output norms), ``norm_eval`` (BatchNorms stay in eval mode);
-* ``with_cp``: activation checkpointing of each block while training (``run_block``); the
-  recompute in the backward pass leaves BatchNorm running statistics alone, so they are updated
-  once per step, exactly as without ``with_cp``;
+* ``with_cp``: activation checkpointing of each block while training. Every family's stages
+  are :class:`BlockStage` modules that own their forward and run each block through
+  :meth:`BlockStage.run_block`, the one checkpointing helper; its recompute in the backward pass
+  leaves BatchNorm running statistics alone, so they are updated once per step, exactly as
+  without ``with_cp``. Setting ``backbone.with_cp`` reaches every stage;
 * ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=None, strict=True,
   allow_unsafe=False)``: the loud, safe loader of :mod:`effbackbones.checkpoint` with the
   family's ``checkpoint_filter_fn``;
-* ``switch_to_deploy()``: every sub-module that can fold (BN into conv/linear, layer scales)
-  does so; outputs stay the same in eval mode;
+* ``switch_to_deploy(input_size=None)``: every sub-module that can fold (BN into conv/linear,
+  layer scales) does so, once (a second call warns and does nothing); with ``input_size`` the
+  attention biases of that input size are computed once and kept (:meth:`pin_attention_biases`);
+  outputs stay the same in eval mode;
 * relative-position attention biases (:mod:`.attention_bias`): ``clear_bias_cache()``, called by
   the loader after loading (``after_load_pretrained``).
+
+The forward of every family is one graph for ``torch.compile`` (no graph break, no recompile
+per block): nothing in it depends on Python state that changes between calls of the same size.
 """
 import contextlib
 import copy
+import warnings
 
 import torch
 import torch.nn as nn
@@ -30,6 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import load_pretrained
 from .attention_bias import RelPosBiasAttention
+from .layers import DropPath, exportable_group_norms_
 
 
 @contextlib.contextmanager
@@ -49,6 +58,38 @@ def bn_stats_frozen(module):
         for m, momentum, tracked in saved:
             m.momentum = momentum
             m.num_batches_tracked.copy_(tracked)
+
+
+def replace_inference_noops_(module):
+    """Replace every ``nn.Dropout`` / :class:`~.layers.DropPath` below ``module`` by
+    ``nn.Identity`` (what they compute in eval mode), so a deployed or exported graph has no
+    trace of them."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Dropout, DropPath)):
+                setattr(parent, name, nn.Identity())
+
+
+class BlockStage(nn.Module):
+    """A stage that owns its forward (timm's style): subclasses run each of their blocks through
+    :meth:`run_block`, the checkpointing helper every family shares.
+
+    ``with_cp`` is set by the backbone (constructor argument, or ``backbone.with_cp = ...``).
+    """
+
+    def __init__(self, with_cp=False):
+        super().__init__()
+        self.with_cp = bool(with_cp)
+
+    def run_block(self, block, *args):
+        """``block(*args)``, with activation checkpointing when ``with_cp``, training and some
+        input needs a gradient; the recompute leaves BN running statistics alone
+        (:func:`bn_stats_frozen`)."""
+        if self.with_cp and self.training and any(
+                torch.is_tensor(a) and a.requires_grad for a in args):
+            return cp.checkpoint(block, *args, use_reentrant=False, context_fn=lambda: (
+                contextlib.nullcontext(), bn_stats_frozen(block)))
+        return block(*args)
 
 
 class BaseDenseBackbone(BaseModule):
@@ -149,14 +190,17 @@ class BaseDenseBackbone(BaseModule):
     # ---------------------------------------------------------------------------------------
     # blocks, freezing, train mode
     # ---------------------------------------------------------------------------------------
-    def run_block(self, block, *args):
-        """Run ``block`` with activation checkpointing when ``with_cp`` and training; its
-        recompute leaves BN running statistics alone (:func:`bn_stats_frozen`)."""
-        if self.with_cp and self.training and any(
-                torch.is_tensor(a) and a.requires_grad for a in args):
-            return cp.checkpoint(block, *args, use_reentrant=False, context_fn=lambda: (
-                contextlib.nullcontext(), bn_stats_frozen(block)))
-        return block(*args)
+    @property
+    def with_cp(self):
+        """Activation checkpointing of every block while training (set on every stage)."""
+        return self._with_cp
+
+    @with_cp.setter
+    def with_cp(self, value):
+        self._with_cp = bool(value)
+        for m in self.modules():
+            if isinstance(m, BlockStage):
+                m.with_cp = self._with_cp
 
     def stage_groups(self):
         """``[stem_modules, stage0_modules, ...]``: what ``frozen_stages`` freezes, in order."""
@@ -236,18 +280,67 @@ class BaseDenseBackbone(BaseModule):
     # deploy
     # ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def switch_to_deploy(self):
-        """Fold BN into the neighbouring conv/linear layers and cache attention biases.
+    def switch_to_deploy(self, input_size=None):
+        """Fold for inference: every BatchNorm next to a conv / linear layer and every layer
+        scale is folded into that layer (the ``norm`` / scale children become ``nn.Identity``),
+        dropout / drop-path modules (identities in eval mode) become ``nn.Identity``, and
+        GroupNorms become :class:`~.layers.ExportableGroupNorm` (same values and parameters;
+        exported, ONNX Runtime / OpenVINO compute it as precisely as PyTorch).
+
+        With ``input_size=(H, W)`` the attention biases of that input size are also computed
+        once and kept as buffers (:meth:`pin_attention_biases`), so a forward at that size
+        (eager, ``torch.compile``, an exported graph) reads them instead of gathering / resizing
+        the tables; other sizes still compute theirs (cached per size in eval mode, as before).
 
         The backbone is put in eval mode; outputs stay the same (within float rounding).
-        Irreversible: keep a copy if you want to train again.
+        Irreversible: keep a copy to train again. Folding happens once: a second call warns and
+        changes nothing (except pinning biases for a new ``input_size`` if given).
         """
+        if self.deploy:
+            warnings.warn(f'{type(self).__name__}.switch_to_deploy(): already in deploy form; '
+                          f'nothing folded again', stacklevel=2)
+        else:
+            self.eval()
+            for m in list(self.modules()):
+                if m is not self and hasattr(m, 'switch_to_deploy'):
+                    m.switch_to_deploy()
+            replace_inference_noops_(self)
+            exportable_group_norms_(self)
+            self.deploy = True
+        if input_size is not None:
+            self.pin_attention_biases(input_size)
+        return self
+
+    @torch.no_grad()
+    def pin_attention_biases(self, input_size):
+        """Compute the bias of every attention for ``(H, W)`` inputs once and keep it as a
+        non-persistent buffer of the attention (state dict keys unchanged; it follows ``.to()``).
+
+        A forward at that input size in eval mode then uses the pinned tensors: an exported ONNX
+        graph holds them as constants (no gather / bicubic resize in the graph), and
+        ``torch.compile`` does not recompute them. Training ignores them (the tables get their
+        gradients); loading a state dict drops them. One input size is pinned at a
+        time (a new call replaces the old one). Families without bias tables have nothing to
+        pin. Returns ``self``.
+        """
+        if (not isinstance(input_size, (tuple, list)) or len(input_size) != 2
+                or not all(isinstance(v, int) and v > 0 for v in input_size)):
+            raise ValueError(f'input_size must be (H, W) positive ints, got {input_size!r}')
+        attns = self.attention_bias_modules()
+        if not attns:
+            return self
+        was_training = self.training
         self.eval()
-        for m in list(self.modules()):
-            if m is not self and hasattr(m, 'switch_to_deploy'):
-                m.switch_to_deploy()
-        self.deploy = True
+        ref = next(self.parameters())
+        for m in attns:
+            m.start_pinning()
+        try:
+            self(ref.new_zeros(1, self.in_channels, *input_size))
+        finally:
+            for m in attns:
+                m.stop_pinning()
+            self.train(was_training)
         return self
 
 
-__all__ = ['BaseDenseBackbone']
+__all__ = ['BaseDenseBackbone', 'BlockStage', 'bn_stats_frozen']

@@ -36,7 +36,7 @@ import torch.nn as nn
 from ..checkpoint import LayoutDict, rename_keys
 from ..registry import MODELS
 from .attention_bias import BIAS_MODES, RelPosBiasAttention
-from .base import BaseDenseBackbone
+from .base import BaseDenseBackbone, BlockStage
 from .layers import (ConvBN, LayerScale, LayerScale2d, drop_path_or_identity, fold_bn_,
                      fold_layer_scale_, stochastic_depth_schedule)
 
@@ -199,11 +199,15 @@ class Meta3D(nn.Module):
         fold_layer_scale_(self, 'ls2', self.mlp.fc2)
 
 
-class EfficientFormerStage(nn.Module):
+class EfficientFormerStage(BlockStage):
+    """Downsample (conv3x3/2 + BN, stages 1-3), then the blocks, each through ``run_block``:
+    Meta4D blocks on the NCHW map, then (last stage) ``Flat`` and the Meta3D blocks on the
+    ``(B, H*W, C)`` tokens of the same grid. Returns the NCHW map."""
 
     def __init__(self, in_dim, dim, depth, drop_path_rates, downsample, num_vit=0,
-                 mlp_ratio=4.0, pool_size=3, layer_scale_init=1e-5, attn_kwargs=None):
-        super().__init__()
+                 mlp_ratio=4.0, pool_size=3, layer_scale_init=1e-5, attn_kwargs=None,
+                 with_cp=False):
+        super().__init__(with_cp)
         self.downsample = downsample_conv_bn(in_dim, dim) if downsample else nn.Identity()
         blocks = []
         if num_vit and num_vit >= depth:
@@ -218,6 +222,20 @@ class EfficientFormerStage(nn.Module):
                 if num_vit and depth - j - 1 == num_vit:
                     blocks.append(Flat())
         self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        x = self.downsample(x)
+        b, c, h, w = x.shape
+        for block in self.blocks:
+            if isinstance(block, Flat):
+                x = block(x)
+            elif isinstance(block, Meta3D):
+                x = self.run_block(block, x, (h, w))
+            else:
+                x = self.run_block(block, x)
+        if x.dim() == 3:
+            x = x.transpose(1, 2).reshape(b, c, h, w)
+        return x
 
 
 @MODELS.register_module()
@@ -293,7 +311,8 @@ class EfficientFormer(BaseDenseBackbone):
                 widths[i - 1] if i else widths[0], widths[i], depths[i], dpr[i], downsample=i > 0,
                 num_vit=num_vit if i == 3 else 0, mlp_ratio=s.get('mlp_ratio', 4.0),
                 pool_size=s.get('pool_size', 3),
-                layer_scale_init=s.get('layer_scale_init', 1e-5), attn_kwargs=attn_kwargs))
+                layer_scale_init=s.get('layer_scale_init', 1e-5), attn_kwargs=attn_kwargs,
+                with_cp=self.with_cp))
         self.stages = nn.ModuleList(stages)
         self.out_norms = nn.ModuleList(
             nn.GroupNorm(1, widths[i]) if i in self.out_indices else nn.Identity()
@@ -315,17 +334,7 @@ class EfficientFormer(BaseDenseBackbone):
         x = self.stem(x)
         outs = []
         for i, stage in enumerate(self.stages):
-            x = stage.downsample(x)
-            b, c, h, w = x.shape
-            for block in stage.blocks:
-                if isinstance(block, Flat):
-                    x = block(x)
-                elif isinstance(block, Meta3D):
-                    x = self.run_block(block, x, (h, w))
-                else:
-                    x = self.run_block(block, x)
-            if x.dim() == 3:
-                x = x.transpose(1, 2).reshape(b, c, h, w)
+            x = stage(x)
             if i in self.out_indices:
                 outs.append(self.out_norms[i](x))
             if i >= self.out_indices[-1]:

@@ -42,7 +42,7 @@ import torch.nn as nn
 from ..checkpoint import CheckpointError, LayoutDict
 from ..registry import MODELS
 from .attention_bias import BIAS_MODES, RelPosBiasAttention
-from .base import BaseDenseBackbone
+from .base import BaseDenseBackbone, BlockStage
 from .layers import (ConvBN, LayerScale2d, drop_path_or_identity, fold_layer_scale_,
                      stochastic_depth_schedule)
 
@@ -234,12 +234,21 @@ class EfficientFormerV2Block(nn.Module):
             fold_layer_scale_(self, 'ls1', self.token_mixer.proj.conv)
 
 
-class EfficientFormerV2Stage(nn.Module):
+class EfficientFormerV2Stage(BlockStage):
+    """Downsample (stages 1-3; before stage 3 with the attention downsample), then the blocks;
+    the downsample and each block run through ``run_block``."""
 
-    def __init__(self, downsample, blocks):
-        super().__init__()
+    def __init__(self, downsample, blocks, with_cp=False):
+        super().__init__(with_cp)
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        if not isinstance(self.downsample, nn.Identity):
+            x = self.run_block(self.downsample, x)
+        for block in self.blocks:
+            x = self.run_block(block, x)
+        return x
 
 
 @MODELS.register_module()
@@ -362,7 +371,7 @@ class EfficientFormerV2(BaseDenseBackbone):
                                         resolution=res(i), **attn_kw)
                 blocks.append(EfficientFormerV2Block(widths[i], mlp_ratios[i][j], dpr[i][j],
                                                      mixer))
-            stages.append(EfficientFormerV2Stage(downsample, blocks))
+            stages.append(EfficientFormerV2Stage(downsample, blocks, self.with_cp))
         self.stages = nn.ModuleList(stages)
         self._freeze_stages()
 
@@ -374,10 +383,7 @@ class EfficientFormerV2(BaseDenseBackbone):
         x = self.stem(x)
         outs = []
         for i, stage in enumerate(self.stages):
-            if not isinstance(stage.downsample, nn.Identity):
-                x = self.run_block(stage.downsample, x)
-            for block in stage.blocks:
-                x = self.run_block(block, x)
+            x = stage(x)
             if i in self.out_indices:
                 outs.append(x)
             if i >= self.out_indices[-1]:

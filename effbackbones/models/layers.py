@@ -187,6 +187,56 @@ def fold_layer_scale_(module, scale_name, layer):
     setattr(module, scale_name, nn.Identity())
 
 
+class ExportableGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` as explicit ops whose means are taken one axis at a time, for deployed /
+    exported models; same values in PyTorch, same parameters.
+
+    Why: ONNX Runtime and OpenVINO sum a normalisation's values in one float32 running sum. The
+    ONNX export of ``nn.GroupNorm`` (``InstanceNormalization`` over a reshaped map) then averages
+    EfficientFormer's whole stride-4 map at once (``GroupNorm(1, C)``: 786k values at 512x512) and
+    the rounding of that one long sum put the output 2e-4 (relative) off PyTorch, whose reductions
+    are pairwise. Means over ``W``, then ``H``, then the channels of a group (equal counts, so the
+    mean of means is the mean) keep every sum short.
+    """
+
+    @classmethod
+    def from_group_norm(cls, gn):
+        new = cls(gn.num_groups, gn.num_channels, gn.eps, gn.affine)
+        if gn.affine:
+            new = new.to(gn.weight)
+            with torch.no_grad():
+                new.weight.copy_(gn.weight)
+                new.bias.copy_(gn.bias)
+        return new
+
+    @staticmethod
+    def _mean(x):
+        # x: (B, G, C/G, *spatial): mean over every axis from 2 on, the last one first
+        for _ in range(x.dim() - 2):
+            x = x.mean(dim=-1)
+        return x
+
+    def forward(self, x):
+        shape = x.shape
+        g = x.reshape(shape[0], self.num_groups, -1, *shape[2:])
+        stat_shape = (shape[0], self.num_groups) + (1,) * (g.dim() - 2)
+        centred = g - self._mean(g).reshape(stat_shape)
+        var = self._mean(centred * centred).reshape(stat_shape)
+        x = (centred * torch.rsqrt(var + self.eps)).reshape(shape)
+        if self.affine:
+            affine_shape = (1, -1) + (1,) * (x.dim() - 2)
+            x = x * self.weight.reshape(affine_shape) + self.bias.reshape(affine_shape)
+        return x
+
+
+def exportable_group_norms_(module):
+    """Replace every plain ``nn.GroupNorm`` below ``module`` by :class:`ExportableGroupNorm`."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.GroupNorm:
+                setattr(parent, name, ExportableGroupNorm.from_group_norm(child))
+
+
 class ConvBN(nn.Sequential):
     """``Conv2d`` followed by ``BatchNorm2d``; folds into one conv on deploy.
 
@@ -234,5 +284,5 @@ class LinearBN(nn.Sequential):
 
 __all__ = ['DropPath', 'drop_path_or_identity', 'stochastic_depth_schedule', 'LayerScale',
            'LayerScale2d', 'fuse_conv_bn', 'fuse_bn_conv1x1', 'fuse_linear_bn', 'fuse_bn_linear',
-           'fold_bn_', 'fold_conv_bn_pairs_', 'fold_scale_into_', 'fold_layer_scale_', 'ConvBN',
-           'LinearBN']
+           'fold_bn_', 'fold_conv_bn_pairs_', 'fold_scale_into_', 'fold_layer_scale_',
+           'ExportableGroupNorm', 'exportable_group_norms_', 'ConvBN', 'LinearBN']

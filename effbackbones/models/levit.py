@@ -38,7 +38,7 @@ import torch.utils.checkpoint as cp
 from ..checkpoint import LayoutDict
 from ..registry import MODELS
 from .attention_bias import RelPosBiasAttention, axis_offsets, gather_offset_bias
-from .base import BaseDenseBackbone
+from .base import BaseDenseBackbone, BlockStage
 from .layers import ConvBN, LinearBN
 
 ATTN_IMPLS = ('chunked', 'sdpa', 'naive')
@@ -217,11 +217,13 @@ class LeViTDownsample(nn.Module):
         return residual_drop(x, self.mlp(x), self.drop_path, self.training)
 
 
-class LeViTStage(nn.Module):
+class LeViTStage(BlockStage):
+    """Optional shrink-attention downsample, then the blocks, each through ``run_block``, on
+    ``(B, N, C)`` tokens of an ``hw`` grid: ``forward(x, hw) -> (x, hw)``."""
 
     def __init__(self, in_dim, dim, key_dim, depth, num_heads, table_hw, downsample, drop_path,
-                 attn_impl, attn_ratio=2.0, mlp_ratio=2.0):
-        super().__init__()
+                 attn_impl, attn_ratio=2.0, mlp_ratio=2.0, with_cp=False):
+        super().__init__(with_cp)
         if downsample:
             # official down_ops: ('Subsample', key_dim, in_dim // key_dim, 4, 2, 2)
             self.downsample = LeViTDownsample(in_dim, dim, key_dim, in_dim // key_dim, 4.0, 2.0,
@@ -233,6 +235,14 @@ class LeViTStage(nn.Module):
         self.blocks = nn.ModuleList(
             LeViTBlock(dim, key_dim, num_heads, attn_ratio, mlp_ratio, table_hw, drop_path,
                        attn_impl) for _ in range(depth))
+
+    def forward(self, x, hw):
+        if self.downsample is not None:
+            x = self.run_block(self.downsample, x, hw)
+            hw = self.downsample.attn_downsample.out_hw(hw)
+        for block in self.blocks:
+            x = self.run_block(block, x, hw)
+        return x, hw
 
 
 class Stem(nn.Module):
@@ -328,7 +338,8 @@ class LeViT(BaseDenseBackbone):
         for i in range(3):
             stage = LeViTStage(dims[i - 1] if i else dims[0], dims[i], key_dim, depths[i],
                                heads[i], table_hw, downsample=i > 0,
-                               drop_path=self.drop_path_rate, attn_impl=attn_impl)
+                               drop_path=self.drop_path_rate, attn_impl=attn_impl,
+                               with_cp=self.with_cp)
             table_hw = stage.table_hw
             stages.append(stage)
         self.stages = nn.ModuleList(stages)
@@ -359,11 +370,7 @@ class LeViT(BaseDenseBackbone):
         hw = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)
         for i, stage in enumerate(self.stages):
-            if stage.downsample is not None:
-                x = self.run_block(stage.downsample, x, hw)
-                hw = stage.downsample.attn_downsample.out_hw(hw)
-            for block in stage.blocks:
-                x = self.run_block(block, x, hw)
+            x, hw = stage(x, hw)
             if i + 2 in self.out_indices:
                 outs.append(x.transpose(1, 2).reshape(x.shape[0], -1, *hw))
             if i + 2 >= last:

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from ..checkpoint import LayoutDict
 from ..registry import MODELS
-from .base import BaseDenseBackbone
-from .layers import drop_path_or_identity, fold_conv_bn_pairs_
+from .base import BaseDenseBackbone, BlockStage
+from .layers import drop_path_or_identity, fold_conv_bn_pairs_, fold_scale_into_
 
 CONV_ONLY = 'conv-only'
 PW_DW_PW = 'pw-dw-pw'          # authors' DnaBlock
@@ -207,17 +207,39 @@ class FormerToMobile(nn.Module):
         self.k = nn.Linear(token_dim, channels)
         self.proj = nn.Linear(token_dim, channels)
         self.drop_path = drop_path_or_identity(drop_path)
+        #: deploy form (:meth:`_attend_map`)
+        self.attend_map = False
 
     def forward(self, x, tokens):
         b, c, h, w = x.shape
         m = tokens.shape[1]
         hd = c // self.num_heads
-        q = x.reshape(b, self.num_heads, hd, h * w).transpose(-1, -2)             # B,h,HW,c
         k = self.k(tokens).transpose(1, 2).reshape(b, self.num_heads, hd, m)      # B,h,c,M
         v = self.proj(tokens).transpose(1, 2).reshape(b, self.num_heads, hd, m)   # B,h,c,M
+        if self.attend_map:
+            return x + self.drop_path(self._attend_map(x, k, v))
+        q = x.reshape(b, self.num_heads, hd, h * w).transpose(-1, -2)             # B,h,HW,c
         attn = ((q @ k) * self.scale).softmax(dim=-1)                            # B,h,HW,M
         out = (attn @ v.transpose(-1, -2)).transpose(-1, -2).reshape(b, c, h, w)
         return x + self.drop_path(out)
+
+    def _attend_map(self, x, k, v):
+        """The same attention with the map kept channels-first: logits as ``(B, h, M, HW)``,
+        softmax over the tokens (dim 2), ``v @ attn`` is already ``(B, h, c, HW)`` -- no
+        transpose of the full map on either side. The deployed form (``scale`` folded into
+        ``k``)."""
+        b, c, h, w = x.shape
+        q = x.reshape(b, self.num_heads, c // self.num_heads, h * w)               # B,h,c,HW
+        logits = k.transpose(-1, -2) @ q                                          # B,h,M,HW
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        return (v @ logits.softmax(dim=2)).reshape(b, c, h, w)
+
+    @torch.no_grad()
+    def switch_to_deploy(self):
+        fold_scale_into_(self.k, torch.full((self.k.out_features,), self.scale))
+        self.scale = 1.0
+        self.attend_map = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +364,28 @@ class DoubleDepthwiseBlock(_BridgedBlock):
         if self.identity:
             out = out + x
         return out, tokens
+
+
+class MobileFormerBlocks(BlockStage, nn.Sequential):
+    """The authors' ``features``: all blocks in one sequence (children ``0``, ``1``... as in
+    their checkpoints), which is the stage here: its forward runs each block on ``(x, tokens)``
+    through ``run_block`` and collects the maps the backbone returns."""
+
+    def __init__(self, blocks, with_cp=False):
+        super().__init__(with_cp)
+        for i, block in enumerate(blocks):
+            self.add_module(str(i), block)
+
+    def forward(self, x, tokens, collect=(), last=-1):
+        """Run blocks ``0..last`` (all when ``last < 0``); returns the maps after the blocks in
+        ``collect`` (in block order) and the tokens after the last block run."""
+        last = len(self) - 1 if last < 0 else last
+        maps = []
+        for i in range(last + 1):
+            x, tokens = self.run_block(self[i], x, tokens)
+            if i in collect:
+                maps.append(x)
+        return maps, tokens
 
 
 class Stem(nn.Sequential):
@@ -479,7 +523,7 @@ class MobileFormer(BaseDenseBackbone):
                                                    **common))
             inp, stride_now = oup, stride_now * s
             block_strides.append(stride_now)
-        self.features = nn.Sequential(*blocks)
+        self.features = MobileFormerBlocks(blocks, self.with_cp)
 
         # the returned map of each stride is the output of the last block at that stride
         self.block_strides = tuple(block_strides)
@@ -516,13 +560,8 @@ class MobileFormer(BaseDenseBackbone):
         self.check_input(x)
         x = self.stem(x)
         tokens = self.tokens.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
-        wanted = {self.out_blocks[i] for i in self.out_indices}
-        last = len(self.features) - 1 if self.return_tokens else max(wanted)
-        outs = []
-        for i in range(last + 1):
-            x, tokens = self.run_block(self.features[i], x, tokens)
-            if i in wanted:
-                outs.append(x)
+        wanted = tuple(self.out_blocks[i] for i in self.out_indices)
+        outs, tokens = self.features(x, tokens, wanted, -1 if self.return_tokens else wanted[-1])
         if self.return_tokens:
             outs.append(tokens)
         return tuple(outs)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import LayoutDict, rename_keys
 from ..registry import MODELS
-from .base import BaseDenseBackbone
+from .base import BaseDenseBackbone, BlockStage
 from .layers import (ConvBN, LayerScale, drop_path_or_identity, fold_bn_, fold_conv_bn_pairs_,
                      fold_layer_scale_, stochastic_depth_schedule)
 
@@ -73,6 +73,22 @@ class EfficientAdditiveAttention(nn.Module):
         global_query = (attn * query).sum(dim=1, keepdim=True)       # (B, 1, C)
         return self.final(self.proj(global_query * key) + query)
 
+    def forward_map(self, x):
+        """The same attention on an NCHW map, the linears as 1x1 convs: what the deployed model
+        runs (no transposes to and from tokens around every attention)."""
+        query = F.normalize(_conv1x1(x, self.to_query), dim=1)
+        key = F.normalize(_conv1x1(x, self.to_key), dim=1)
+        logits = F.conv2d(query, self.w_g.t()[:, :, None, None]) * self.scale     # (B, 1, H, W)
+        attn = F.normalize(logits.flatten(2), dim=-1)                             # over pixels
+        global_query = query.flatten(2) @ attn.transpose(1, 2)                    # (B, C, 1)
+        out = _conv1x1(global_query.unsqueeze(-1) * key, self.proj) + query
+        return _conv1x1(out, self.final)
+
+
+def _conv1x1(x, linear):
+    """``linear`` applied to every pixel of an NCHW map."""
+    return F.conv2d(x, linear.weight[:, :, None, None], linear.bias)
+
 
 class ConvMlp(nn.Module):
     """BN + 1x1-conv MLP (official ``Mlp``)."""
@@ -103,17 +119,24 @@ class SwiftFormerEncoder(nn.Module):
         self.layer_scale_1 = LayerScale(dim, layer_scale_init, spatial=True)
         self.layer_scale_2 = LayerScale(dim, layer_scale_init, spatial=True)
         self.drop_path = drop_path_or_identity(drop_path)
+        #: deploy form: attention on the NCHW map (``attn.forward_map``)
+        self.attend_map = False
 
     def forward(self, x):
         x = self.local_representation(x)
-        b, c, h, w = x.shape
-        tokens = self.attn(x.flatten(2).transpose(1, 2))
-        x = x + self.drop_path(self.layer_scale_1(tokens.transpose(1, 2).reshape(b, c, h, w)))
+        if self.attend_map:
+            mixed = self.attn.forward_map(x)
+        else:       # the official layout: (B, N, C) tokens
+            b, c, h, w = x.shape
+            tokens = self.attn(x.flatten(2).transpose(1, 2))
+            mixed = tokens.transpose(1, 2).reshape(b, c, h, w)
+        x = x + self.drop_path(self.layer_scale_1(mixed))
         return x + self.drop_path(self.layer_scale_2(self.linear(x)))
 
     def switch_to_deploy(self):
         fold_layer_scale_(self, 'layer_scale_1', self.attn.final)
         fold_layer_scale_(self, 'layer_scale_2', self.linear.fc2)
+        self.attend_map = True
 
 
 def downsample_conv_bn(in_dim, out_dim):
@@ -122,10 +145,12 @@ def downsample_conv_bn(in_dim, out_dim):
     return ConvBN(in_dim, out_dim, 3, 2, 1, bias=True, names=('proj', 'norm'))
 
 
-class SwiftFormerStage(nn.Module):
+class SwiftFormerStage(BlockStage):
+    """Downsample (conv3x3/2 + BN, stages 1-3), then the blocks, each through ``run_block``."""
 
-    def __init__(self, in_dim, dim, depth, mlp_ratio, drop_path_rates, downsample, num_vit=1):
-        super().__init__()
+    def __init__(self, in_dim, dim, depth, mlp_ratio, drop_path_rates, downsample, num_vit=1,
+                 with_cp=False):
+        super().__init__(with_cp)
         self.downsample = downsample_conv_bn(in_dim, dim) if downsample else nn.Identity()
         blocks = []
         for j in range(depth):
@@ -135,6 +160,12 @@ class SwiftFormerStage(nn.Module):
                 # The official code builds ConvEncoders without drop path; kept for fidelity.
                 blocks.append(ConvEncoder(dim, int(dim * mlp_ratio)))
         self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        x = self.downsample(x)
+        for block in self.blocks:
+            x = self.run_block(block, x)
+        return x
 
 
 class Stem(nn.Sequential):
@@ -198,7 +229,7 @@ class SwiftFormer(BaseDenseBackbone):
         for i in range(4):
             stages.append(SwiftFormerStage(widths[i - 1] if i else widths[0], widths[i],
                                            depths[i], mlp_ratio, dpr[i], downsample=i > 0,
-                                           num_vit=num_vit))
+                                           num_vit=num_vit, with_cp=self.with_cp))
         self.stages = nn.ModuleList(stages)
         self.out_norms = nn.ModuleList(
             nn.BatchNorm2d(widths[i]) if i in self.out_indices else nn.Identity()
@@ -213,9 +244,7 @@ class SwiftFormer(BaseDenseBackbone):
         x = self.stem(x)
         outs = []
         for i, stage in enumerate(self.stages):
-            x = stage.downsample(x)
-            for block in stage.blocks:
-                x = self.run_block(block, x)
+            x = stage(x)
             if i in self.out_indices:
                 outs.append(self.out_norms[i](x))
             if i >= self.out_indices[-1]:

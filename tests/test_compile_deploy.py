@@ -1,0 +1,221 @@
+"""Every family's forward is one graph for ``torch.compile`` (no graph break, no recompile), and
+``switch_to_deploy`` folds once, pins the attention biases of a fixed input size and keeps the
+outputs."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import effbackbones  # noqa: F401
+from effbackbones.models.attention_bias import RelPosBiasAttention
+from effbackbones.registry import MODELS
+
+# one small variant per family; (64, 96) keeps every grid non-square
+CASES = [('SwiftFormer', 'xs'), ('EfficientFormer', 'l1'), ('EfficientFormerV2', 's0'),
+         ('LeViT', '128s'), ('MobileFormer', '26m')]
+SIZE = (64, 96)
+
+
+def _model(family, arch, **kw):
+    torch.manual_seed(0)
+    model = MODELS.get(family)(arch, **kw)
+    model.init_weights()
+    # non-trivial BN statistics and biases, so folding and pinning have something to get wrong
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+            if isinstance(m, RelPosBiasAttention):
+                m.bias_table().normal_()
+    return model.eval()
+
+
+def _assert_close(outs, refs, rel=1e-5):
+    assert len(outs) == len(refs)
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape
+        err = (o - r).abs().max() / r.abs().max().clamp_min(1e-12)
+        assert err < rel, float(err)
+
+
+def _compile_twice(model, x):
+    """Compile with fullgraph (a graph break raises) and call twice with recompiles turned into
+    errors: state a forward mutates (caches, flags) would show up as a recompile."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend='eager', fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        first = compiled(x)
+        second = compiled(x)
+    torch._dynamo.reset()
+    return first, second
+
+
+@pytest.mark.parametrize('family,arch', CASES)
+def test_forward_is_one_graph_without_recompiles(family, arch):
+    model = _model(family, arch)
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        ref = model(x)
+        cached = model(x)        # eval caches are warm now: the compiled forward must not read them
+    first, second = _compile_twice(model, x)
+    _assert_close(first, ref)
+    _assert_close(second, ref)
+    _assert_close(cached, ref)
+
+
+@pytest.mark.parametrize('family,arch', [c for c in CASES if c[0] in (
+    'EfficientFormer', 'EfficientFormerV2', 'LeViT')])
+def test_deployed_with_pinned_biases_is_one_graph(family, arch):
+    model = _model(family, arch)
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        ref = model(x)
+    model.switch_to_deploy(input_size=SIZE)
+    first, second = _compile_twice(model, x)
+    _assert_close(first, ref, rel=1e-4)
+    _assert_close(second, ref, rel=1e-4)
+
+
+def test_second_switch_to_deploy_warns_and_changes_nothing():
+    model = _model('EfficientFormerV2', 's0').switch_to_deploy()
+    assert model.deploy
+    before = copy.deepcopy(model.state_dict())
+    kinds = [type(m) for m in model.modules()]
+    with pytest.warns(UserWarning, match='already in deploy form'):
+        assert model.switch_to_deploy() is model
+    assert [type(m) for m in model.modules()] == kinds
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _not_foldable(family, model, name):
+    """What deploy keeps on purpose: SwiftFormer's output BNs (after a residual sum: nothing to
+    fold into) and EfficientFormer's Meta4D ``ls1`` (it scales ``pool(x) - x``, no weights)."""
+    parent = model.get_submodule(name.rpartition('.')[0])
+    return ((family == 'SwiftFormer' and name.startswith('out_norms.'))
+            or (family == 'EfficientFormer' and type(parent).__name__ == 'Meta4D'
+                and name.endswith('.ls1')))
+
+
+@pytest.mark.parametrize('family,arch', CASES)
+def test_deploy_folds_every_batchnorm_and_layer_scale(family, arch):
+    from effbackbones.models.layers import DropPath, LayerScale
+    model = _model(family, arch, drop_path_rate=0.1)
+    noops = (nn.Dropout, DropPath)
+    assert family == 'LeViT' or any(isinstance(m, noops) for m in model.modules())
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        ref = model(x)
+        model.switch_to_deploy()
+        outs = model(x)
+    left = [n for n, m in model.named_modules()
+            if (isinstance(m, (nn.modules.batchnorm._BatchNorm, LayerScale) + noops)
+                and not _not_foldable(family, model, n)) or type(m) is nn.GroupNorm]
+    assert not left, left[:5]
+    _assert_close(outs, ref, rel=1e-4)
+
+
+@pytest.mark.parametrize('bias_mode', ['official', 'pretrained'])
+def test_pinned_biases_are_graph_constants(bias_mode):
+    """Traced (what ``torch.onnx.export(dynamo=False)`` records) at the pinned size, the graph
+    has no bicubic resize and no gather of the tables left; without pinning it has."""
+    model = _model('EfficientFormer', 'l1', bias_mode=bias_mode)
+    x = torch.randn(1, 3, 128, 192)     # 4x6 grid at stride 32: larger than nothing, resized
+    with torch.no_grad():
+        ref = model(x)
+        model(x)                        # a warm eval cache must not leak into the trace
+
+    def traced_ops(m):
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            graph = torch.jit.trace(m, x, check_trace=False).inlined_graph
+        return {n.kind() for n in graph.nodes()}
+
+    deployed = copy.deepcopy(model).switch_to_deploy()
+    resize = 'aten::upsample_bicubic2d'
+    assert resize in traced_ops(deployed) or bias_mode == 'pretrained'
+    assert 'aten::index' in traced_ops(deployed)
+    with pytest.warns(UserWarning, match='already in deploy form'):
+        deployed.switch_to_deploy(input_size=(128, 192))   # pins all the same
+    attns = [m for m in deployed.modules() if isinstance(m, RelPosBiasAttention)]
+    assert attns and all(m.pinned_bias is not None for m in attns)
+    ops = traced_ops(deployed)
+    assert resize not in ops and 'aten::index' not in ops
+    with torch.no_grad():
+        _assert_close(deployed(x), ref, rel=1e-4)
+
+
+def test_pinning_keeps_state_dict_and_is_dropped_by_loading():
+    model = _model('LeViT', '128s', attn_impl='sdpa', out_indices=(0, 1, 2, 3, 4))
+    keys = list(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    model.pin_attention_biases((64, 64))
+    attns = model.attention_bias_modules()
+    assert all(m.pinned_bias is not None for m in attns)
+    assert list(model.state_dict()) == keys           # non-persistent: checkpoints unchanged
+    with torch.no_grad():
+        _assert_close(model(x), ref)
+        other = model(torch.randn(1, 3, 96, 64))       # another size computes its own bias
+    assert other[3].shape[2:] == (3, 2)
+    model.eval()                                       # eval() / train() keep the pin
+    assert all(m.pinned_bias is not None for m in attns)
+    # a new table: the pin would be stale, so loading drops it
+    sd = model.state_dict()
+    sd['stages.0.blocks.0.attn.attention_biases'] += 1.0
+    model.load_state_dict(sd)
+    assert all(m.pinned_bias is None for m in attns)
+    with torch.no_grad():
+        changed = model(x)
+    assert not torch.allclose(changed[2], ref[2])
+
+
+def test_pinned_bias_is_ignored_when_the_table_needs_gradients():
+    model = _model('EfficientFormer', 'l1')
+    x = torch.randn(1, 3, 64, 96)
+    model.pin_attention_biases((64, 96))
+    attn = model.stages[3].blocks[4].token_mixer
+    assert attn.pinned_bias is not None
+    model.train()
+    outs = model(x)     # (a plain sum of GroupNorm outputs would not depend on the input)
+    sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+    assert attn.attention_biases_seg.grad is not None
+    assert attn.attention_biases_seg.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('bad', [(64,), (64, 0), (64.0, 64), 'big'])
+def test_pin_input_size_is_checked(bad):
+    with pytest.raises(ValueError, match='input_size'):
+        _model('LeViT', '128s').pin_attention_biases(bad)
+
+
+def test_with_cp_reaches_every_stage():
+    from effbackbones.models.base import BlockStage
+    model = MODELS.get('SwiftFormer')('xs', with_cp=True)
+    stages = [m for m in model.modules() if isinstance(m, BlockStage)]
+    assert len(stages) == 4 and all(s.with_cp for s in stages)
+    model.with_cp = False
+    assert not any(s.with_cp for s in stages)
+
+
+@pytest.mark.parametrize('groups,shape', [(1, (2, 6, 5, 7)), (3, (1, 6, 4, 9)), (2, (2, 4, 11))])
+def test_exportable_group_norm_equals_group_norm(groups, shape):
+    from effbackbones.models.layers import ExportableGroupNorm, exportable_group_norms_
+    gn = nn.GroupNorm(groups, shape[1])
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 1.5)
+        gn.bias.uniform_(-1, 1)
+    holder = nn.Sequential(gn)
+    exportable_group_norms_(holder)
+    assert type(holder[0]) is ExportableGroupNorm
+    assert holder[0].state_dict().keys() == gn.state_dict().keys()
+    x = torch.randn(shape) * 3 + 5           # a mean large against the spread
+    with torch.no_grad():
+        torch.testing.assert_close(holder[0](x), gn(x), rtol=1e-5, atol=1e-5)
