@@ -206,3 +206,29 @@ def test_tools_test_backend_metrics_equal_pytorch(semfpn):
     assert float(torch_metrics[1]) > 0
     log = run([onnx_file, '--backend', 'onnxruntime', '--work-dir', wd])
     assert _metrics(log) == torch_metrics
+
+
+def test_group_norm_exported_with_short_reductions(tmp_path):
+    """A plain nn.GroupNorm(1, C) on a large map (EfficientFormer's stride-4 output norm at
+    512x512; the eager export and mm necks / heads keep plain GroupNorms) is exported as
+    ExportableGroupNorm: both runtimes stay at float32 rounding of the float64 value (the
+    InstanceNormalization graph drifted by ~1e-4 of max|out|)."""
+    from effbackbones.deploy.export import export_friendly
+    from effbackbones.deploy.runtime import RuntimeSession
+    gn = torch.nn.GroupNorm(1, 48).eval()
+    torch.nn.init.normal_(gn.weight)
+    torch.nn.init.normal_(gn.bias)
+    x = torch.randn(1, 48, 128, 128) * 0.2 + 0.13
+    with torch.no_grad():
+        ref = torch.nn.functional.group_norm(x.double(), 1, gn.weight.double(),
+                                             gn.bias.double())
+    part = torch.nn.Sequential(gn)
+    path = str(tmp_path / 'gn.onnx')
+    with torch.no_grad(), export_friendly(part):
+        assert type(part[0]).__name__ == 'ExportableGroupNorm'
+        torch.onnx.export(part, (x,), path, opset_version=17, dynamo=False)
+    assert type(part[0]) is torch.nn.GroupNorm          # restored
+    for backend in ('onnxruntime', 'openvino'):
+        out = RuntimeSession(path, backend)(x)[0].double()
+        err = (out - ref).abs().max() / ref.abs().max()
+        assert err < 2e-6, (backend, err.item())

@@ -78,7 +78,8 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
     _randomise_bn(base)
     base.eval()
     variants = [('eager', base, None)]
-    dep = copy.deepcopy(base).switch_to_deploy()
+    # deploy as it is meant to run: folded, and the attention biases of this size pinned
+    dep = copy.deepcopy(base).switch_to_deploy(input_size=tuple(x.shape[2:]))
     if 'deploy' in runtimes:
         variants.append(('deploy', dep, None))
     if alternatives:
@@ -87,7 +88,8 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
             alt.load_state_dict(base.state_dict(), strict=False)
             alt.eval()
             variants.append((name, alt, None))
-            variants.append((name + '+deploy', copy.deepcopy(alt).switch_to_deploy(), None))
+            variants.append((name + '+deploy', copy.deepcopy(alt).switch_to_deploy(
+                input_size=tuple(x.shape[2:])), None))
     if 'compile' in runtimes:
         try:
             variants.append(('torch.compile', torch.compile(copy.deepcopy(dep)), None))

@@ -1,13 +1,10 @@
 """ONNX export of effbackbones backbones and of whole mmdet / mmseg models that use them.
 
-Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. It traces one forward,
-so everything the model computes in Python from *sizes* (attention-bias gathers and resizes, the
-bias caches keyed on the token grid) is evaluated once for the traced size; tensors the forward
-takes from a cache filled before tracing become constants of the graph. That is exactly what a
-static deploy graph wants (the relative-position biases of EfficientFormer v1 / V2 and LeViT are
-fixed (heads, Nq, Nk) constants, computed by PyTorch). The dynamo exporter (``dynamo=True``, the
-torch 2.13 default) traces through ``torch.export`` and needs ``onnxscript``; it gains nothing
-here and fails on the same Python-side size logic (see docs/deploy.md).
+Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)`` (why: docs/deploy.md).
+It traces one forward. For a static export the attention biases of EfficientFormer v1 / V2 and
+LeViT are pinned first (``pin_attention_biases``: computed once by PyTorch for the export size,
+kept as buffers), so the graph holds them as constants instead of gathering / bicubically
+resizing the tables.
 
 What is exported:
 
@@ -273,67 +270,7 @@ def _quiet_export(*args, **kwargs):
         warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export.*')
         warnings.filterwarnings('ignore', category=DeprecationWarning)
         warnings.filterwarnings('ignore', category=FutureWarning)
-        warnings.filterwarnings('ignore', message='.*constant folding be turned off.*')
         torch.onnx.export(*args, **kwargs)
-
-
-def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None):
-    """Trace ``part`` (an :func:`exportable_part`) on ``dummy`` and write ``out``.
-
-    The PyTorch outputs for ``dummy`` are computed first (no grad): besides giving the output
-    count, this fills the attention-bias caches, so the traced graph holds the biases as
-    constants. Returns those outputs.
-    """
-    part.eval()
-    # The tracer runs with grad enabled: frozen parameters let the bias caches serve the
-    # tensors computed by the forward below (graph constants) instead of recomputing them.
-    frozen = [p for p in part.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        ref = _export(part, dummy, out, dynamic, opset)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    _write_metadata(out, dict(metadata or {}, **{PART_KEY: part.part,
-                                                'effbackbones.dynamic': str(bool(dynamic)),
-                                                'effbackbones.input_shape':
-                                                    'x'.join(map(str, dummy.shape))}))
-    return ref
-
-
-class TwoPassGroupNorm(nn.Module):
-    """``nn.GroupNorm`` of an NCHW map for export: mean, then mean of squared deviations, each
-    reduced axis by axis (W, then H, then the group's channels).
-
-    The exporter writes ``nn.GroupNorm`` as an InstanceNormalization over the ``C*H*W / groups``
-    elements of a group, and onnxruntime 1.32 / OpenVINO 2026.4 accumulate that (as they do a
-    single ReduceMean over it) with a float32 error that grows with the count: EfficientFormer's
-    ``GroupNorm(1, 48)`` on its stride-4 map at 512x512 (786k elements) came out 1.2e-4 of
-    max|out| off in onnxruntime (4.5e-5 in OpenVINO; PyTorch's own is 5e-8 from float64). Short
-    reductions keep it at the level of the other ops. Shares the wrapped module's parameters.
-    """
-
-    def __init__(self, gn):
-        super().__init__()
-        self.num_groups, self.eps = gn.num_groups, gn.eps
-        self.weight, self.bias = gn.weight, gn.bias
-
-    @staticmethod
-    def _mean(y):
-        return y.mean(dim=-1, keepdim=True).mean(dim=-2, keepdim=True).mean(dim=-3, keepdim=True)
-
-    def forward(self, x):
-        if x.dim() != 4:
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        b, c, h, w = x.shape
-        y = x.reshape(b, self.num_groups, c // self.num_groups, h, w)
-        y = y - self._mean(y)
-        y = y / torch.sqrt(self._mean(y * y) + self.eps)
-        y = y.reshape(b, c, h, w)
-        if self.weight is not None:
-            y = y * self.weight.reshape(1, -1, 1, 1) + self.bias.reshape(1, -1, 1, 1)
-        return y
 
 
 class ScaleUpsample(nn.Module):
@@ -356,8 +293,9 @@ class ScaleUpsample(nn.Module):
 
 def _export_equivalent(m):
     """The export-friendly stand-in for module ``m``, or ``None`` to keep it."""
-    if isinstance(m, nn.GroupNorm):
-        return TwoPassGroupNorm(m)
+    if type(m) is nn.GroupNorm:      # deploy already swapped the backbone's own
+        from effbackbones.models.layers import ExportableGroupNorm
+        return ExportableGroupNorm.from_group_norm(m)
     if type(m).__name__ == 'Upsample' and type(m).__module__.startswith('mmseg') and \
             not m.size and isinstance(m.scale_factor, float) and m.scale_factor.is_integer():
         return ScaleUpsample(m)
@@ -366,9 +304,10 @@ def _export_equivalent(m):
 
 @contextlib.contextmanager
 def export_friendly(module):
-    """Swap the sub-modules whose default ONNX graph is less accurate (:class:`TwoPassGroupNorm`)
-    or frozen to the traced size (:class:`ScaleUpsample`) for equivalents while exporting;
-    restored afterwards."""
+    """Swap the sub-modules whose default ONNX graph is less accurate (``nn.GroupNorm``: its
+    InstanceNormalization graph is one long float32 sum in onnxruntime / OpenVINO; see
+    :class:`~effbackbones.models.layers.ExportableGroupNorm`) or frozen to the traced size
+    (:class:`ScaleUpsample`) for equivalents while exporting; restored afterwards."""
     swaps = []
     for name, m in list(module.named_modules()):
         new = _export_equivalent(m)
@@ -384,7 +323,10 @@ def export_friendly(module):
             setattr(parent, attr, m)
 
 
-def _export(part, dummy, out, dynamic, opset):
+def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None):
+    """Trace ``part`` (an :func:`exportable_part`) on ``dummy`` and write ``out``; returns the
+    PyTorch outputs for ``dummy``."""
+    part.eval()
     with torch.no_grad():
         ref = part(dummy)
         names = part.output_names(len(ref))
@@ -395,11 +337,13 @@ def _export(part, dummy, out, dynamic, opset):
                                  for n in names})
         os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
         with export_friendly(part):
-                _quiet_export(part, (dummy,), out, input_names=['input'], output_names=names,
+            _quiet_export(part, (dummy,), out, input_names=['input'], output_names=names,
                           opset_version=opset, dynamic_axes=dynamic_axes,
-                          do_constant_folding=True,
-                          # EVAL would call .eval() again, which empties the bias caches
-                          training=torch.onnx.TrainingMode.PRESERVE, dynamo=False)
+                          do_constant_folding=True, dynamo=False)
+    _write_metadata(out, dict(metadata or {}, **{PART_KEY: part.part,
+                                                'effbackbones.dynamic': str(bool(dynamic)),
+                                                'effbackbones.input_shape':
+                                                    'x'.join(map(str, dummy.shape))}))
     return [r.detach() for r in ref]
 
 
@@ -460,6 +404,10 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
     check_request(backbone, shape, batch, dynamic)
     if deploy and not getattr(backbone, 'deploy', False):
         backbone.switch_to_deploy()
+    if not dynamic:
+        # the attention biases of this size become graph constants computed by PyTorch (no
+        # gather / bicubic resize of the tables in the graph); nothing to pin elsewhere
+        backbone.pin_attention_biases(tuple(int(s) for s in shape))
     part = exportable_part(model).eval()
     inputs = parity_inputs(backbone.in_channels, shape, batch, dynamic, backbone.size_divisor)
     export_module(part, inputs[0], out, dynamic=dynamic, opset=opset, metadata=metadata)
