@@ -93,8 +93,11 @@ def main(argv=None):
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     if args.backend:
         from effbackbones.deploy import attach_runtime
-        attach_runtime(runner.model, args.checkpoint, args.backend,
-                       torch_weights=args.torch_weights)
+        try:
+            attach_runtime(runner.model, args.checkpoint, args.backend,
+                           torch_weights=args.torch_weights)
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(str(exc)) from None
     runner.test()
 
 
