@@ -232,3 +232,25 @@ def test_group_norm_exported_with_short_reductions(tmp_path):
         out = RuntimeSession(path, backend)(x)[0].double()
         err = (out - ref).abs().max() / ref.abs().max()
         assert err < 2e-6, (backend, err.item())
+
+
+def test_export_fails_loudly_above_the_tolerance(tmp_path, monkeypatch):
+    """The post-export check raises and moves the file aside when the runtime is off (here a
+    PyTorch reference perturbed by 1e-3 of its max after the export)."""
+    import importlib
+    from effbackbones.deploy import ParityError, build_backbone, export
+    export_mod = importlib.import_module('effbackbones.deploy.export')
+    model = build_backbone('SwiftFormer', 'xs', out_indices=(3,))
+    real = export_mod.check_onnx_parity
+
+    def perturbed(path, part, inputs, **kw):
+        class Off(torch.nn.Module):
+            def forward(self, x):
+                out = part(x)
+                return tuple(o + 1e-3 * o.abs().max() for o in out)
+        return real(path, Off(), inputs, **kw)
+    monkeypatch.setattr(export_mod, 'check_onnx_parity', perturbed)
+    out = tmp_path / 'x.onnx'
+    with pytest.raises(ParityError, match=r'out_3: BAD .*worst err/allowed'):
+        export(model, (128, 128), str(out), log=lambda *_: None)
+    assert not out.exists() and (tmp_path / 'x.parity-failed.onnx').exists()

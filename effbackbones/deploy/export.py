@@ -396,7 +396,8 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
             its weights loaded.
         shape: ``(H, W)`` of the exported input.
         deploy: call ``switch_to_deploy()`` on the backbone first (skipped if already done).
-        check: run :func:`check_onnx_parity` (and raise :class:`ParityError` when off).
+        check: run :func:`check_onnx_parity`; when off, the file is renamed
+            ``*.parity-failed.onnx`` and :class:`ParityError` raised.
 
     Returns the parity reports (empty when ``check`` is False).
     """
@@ -416,7 +417,13 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
         f'{osp.getsize(out) / 2 ** 20:.1f} MiB)')
     if not check:
         return []
-    reports = check_onnx_parity(out, part, inputs)
+    try:
+        reports = check_onnx_parity(out, part, inputs)
+    except ParityError as exc:
+        # keep the file for inspection, under a name nobody deploys by mistake
+        rejected = osp.splitext(out)[0] + '.parity-failed.onnx'
+        os.replace(out, rejected)
+        raise ParityError(f'{exc}\n(file moved to {rejected})') from None
     for r in reports:
         log(r)
     return reports
