@@ -110,7 +110,9 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
                 variants.append((rt, None, error))
                 continue
             try:
-                variants.append((rt, RuntimeSession(path, rt, threads=threads), None))
+                # no spinning: idle onnxruntime threads would eat the next variant's cores
+                variants.append((rt, RuntimeSession(path, rt, threads=threads, spin=False),
+                                 None))
             except Exception as exc:     # noqa: BLE001
                 variants.append((rt, None, _short(exc)))
     return variants
