@@ -54,6 +54,8 @@ def parse_args(argv=None):
                    help='columns to measure (eager is always measured: the baseline)')
     p.add_argument('--no-alternatives', action='store_true',
                    help="skip the family's alternative implementations (benchmark_variants)")
+    p.add_argument('--pause-ms', type=float, default=200,
+                   help='idle time before each timed call (lets spinning runtime threads stop)')
     p.add_argument('--out', help='append the markdown table to this file')
     return p.parse_args(argv)
 
@@ -128,7 +130,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_variants(variants, x, repeats, warmup, device, dtype):
+def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2):
     """Warm every variant up (failures recorded), then time them interleaved."""
     times, diffs, errors = {}, {}, {}
     ref = None
@@ -155,6 +157,9 @@ def time_variants(variants, x, repeats, warmup, device, dtype):
             runnable.append((n, m))
         for _ in range(repeats):
             for n, m in runnable:
+                # a pause first: the previous runtime's worker threads spin a while after a
+                # run, and would take the cores of the variant timed next
+                time.sleep(pause)
                 _sync(device)
                 t = time.perf_counter()
                 m(x)
@@ -231,7 +236,7 @@ def main(argv=None):
                                       args.threads, tmpdir)
             macs = model_macs(variants[0][1], x)
             times, diffs, errors = time_variants(variants, x, args.repeats, args.warmup,
-                                                 args.device, dtype)
+                                                 args.device, dtype, args.pause_ms / 1e3)
             # the best GEMM rate seen (before and after each model): on a shared machine one
             # measurement can land in a busy moment
             peak = max(peak, gemm_rate(args.device, dtype))
