@@ -1,33 +1,43 @@
 #!/usr/bin/env python
-"""Latency of effbackbones backbones: eager vs deploy (and other implementations present), on
-the same weights, side by side in one process.
+"""Latency of effbackbones backbones in every runtime, on the same weights, side by side in one
+process: PyTorch eager, deploy (``switch_to_deploy()``), ``torch.compile`` of the deploy model,
+and the deploy model exported to ONNX and run in onnxruntime and OpenVINO.
 
-    python tools/benchmark.py --model SwiftFormer --arch l1 --shape 512 512 --batch 1
+    python tools/benchmark.py --model SwiftFormer --arch l1 --shape 512 512 --threads 2
+    python tools/benchmark.py --model LeViT --arch 128s --shape 800 1344 --runtimes eager onnxruntime
     python tools/benchmark.py --all --shape 224 224 --repeats 20 --out docs/benchmark_cpu.md
-    python tools/benchmark.py --model SwiftFormer --device cuda --dtype float16
+    python tools/benchmark.py --model SwiftFormer --device cuda --dtype float16   # eager / deploy / compile
 
 For every variant: one model with random weights (BN statistics randomised so folding is not
-trivial), then copies: eager, deploy (``switch_to_deploy()``), plus family-specific alternatives
-(e.g. LeViT ``attn_impl``, EfficientFormer ``bias_mode``) when the class declares them in
-``benchmark_variants``. Runs are interleaved round-robin so drifting clocks hit all alike;
-reported: median and p90 of per-call wall time, and the ratio to eager. The max abs difference
-of each variant's outputs to eager is printed too (deploy must match).
+trivial), then copies: eager, deploy, plus family-specific alternatives (e.g. LeViT ``attn_impl``)
+when the class declares them in ``benchmark_variants`` (skip with ``--no-alternatives``), then
+the runtimes. Runs are interleaved round-robin so drifting clocks hit all alike; reported: median
+and p90 of per-call wall time (the runtimes' numpy conversions included), the speed-up over
+eager, the max abs difference of the outputs to eager relative to max|eager|, and the share of
+the machine's float32 peak: ``2 * MACs / latency`` over the rate of a large float32 matrix
+multiply measured at start in this process with the same threads (MACs counted as
+tools/get_flops.py counts them, on the eager model). A runtime that fails to build or run (e.g.
+``torch.compile`` without a working compiler) is reported in its row, not fatal.
 """
 import argparse
 import copy
+import os
 import os.path as osp
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
 
+RUNTIMES = ('eager', 'deploy', 'compile', 'onnxruntime', 'openvino')
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description='eager vs deploy latency')
+    p = argparse.ArgumentParser(description='latency of eager / deploy / compile / ONNX runtimes')
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument('--model', help='backbone class name, e.g. SwiftFormer')
     g.add_argument('--all', action='store_true', help='every registered backbone variant')
@@ -38,7 +48,14 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--device', default='cpu')
     p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    p.add_argument('--threads', type=int, default=None,
+                   help='CPU threads of torch and of the runtimes')
+    p.add_argument('--runtimes', nargs='+', choices=RUNTIMES, default=list(RUNTIMES),
+                   help='columns to measure (eager is always measured: the baseline)')
+    p.add_argument('--no-alternatives', action='store_true',
+                   help="skip the family's alternative implementations (benchmark_variants)")
+    p.add_argument('--pause-ms', type=float, default=200,
+                   help='idle time before each timed call (lets spinning runtime threads stop)')
     p.add_argument('--out', help='append the markdown table to this file')
     return p.parse_args(argv)
 
@@ -51,21 +68,61 @@ def _randomise_bn(model):
             m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
 
 
-def build_variants(cls, arch):
+def _as_tuple(outs):
+    return tuple(outs) if isinstance(outs, (list, tuple)) else (outs,)
+
+
+def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=None,
+                   tmpdir=None):
+    """``[(name, callable or None, error or None)]``: eager first (the baseline)."""
     torch.manual_seed(0)
     base = cls(arch=arch)
     _randomise_bn(base)
     base.eval()
-    variants = [('eager', base)]
-    dep = copy.deepcopy(base).switch_to_deploy()
-    variants.append(('deploy', dep))
-    for name, kwargs in getattr(cls, 'benchmark_variants', {}).items():
-        alt = cls(arch=arch, **kwargs)
-        alt.load_state_dict(base.state_dict(), strict=False)
-        alt.eval()
-        variants.append((name, alt))
-        variants.append((name + '+deploy', copy.deepcopy(alt).switch_to_deploy()))
+    variants = [('eager', base, None)]
+    # deploy as it is meant to run: folded, and the attention biases of this size pinned
+    dep = copy.deepcopy(base).switch_to_deploy(input_size=tuple(x.shape[2:]))
+    if 'deploy' in runtimes:
+        variants.append(('deploy', dep, None))
+    if alternatives:
+        for name, kwargs in getattr(cls, 'benchmark_variants', {}).items():
+            alt = cls(arch=arch, **kwargs)
+            alt.load_state_dict(base.state_dict(), strict=False)
+            alt.eval()
+            variants.append((name, alt, None))
+            variants.append((name + '+deploy', copy.deepcopy(alt).switch_to_deploy(
+                input_size=tuple(x.shape[2:])), None))
+    if 'compile' in runtimes:
+        try:
+            variants.append(('torch.compile', torch.compile(copy.deepcopy(dep)), None))
+        except Exception as exc:     # noqa: BLE001 - reported in the table
+            variants.append(('torch.compile', None, _short(exc)))
+    onnx_runtimes = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
+    if onnx_runtimes and x.device.type == 'cpu' and x.dtype == torch.float32:
+        from effbackbones.deploy.export import BackboneMaps, export_module
+        from effbackbones.deploy.runtime import RuntimeSession
+        path = osp.join(tmpdir or tempfile.mkdtemp(), f'{cls.__name__}_{arch}.onnx')
+        try:
+            export_module(BackboneMaps(copy.deepcopy(dep)), x, path)
+            error = None
+        except Exception as exc:     # noqa: BLE001
+            error = f'export failed: {_short(exc)}'
+        for rt in onnx_runtimes:
+            if error:
+                variants.append((rt, None, error))
+                continue
+            try:
+                # no spinning: idle onnxruntime threads would eat the next variant's cores
+                variants.append((rt, RuntimeSession(path, rt, threads=threads, spin=False),
+                                 None))
+            except Exception as exc:     # noqa: BLE001
+                variants.append((rt, None, _short(exc)))
     return variants
+
+
+def _short(exc):
+    msg = str(exc).strip().splitlines()
+    return f'{type(exc).__name__}: {msg[0][:120] if msg else ""}'
 
 
 def _sync(device):
@@ -73,28 +130,70 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_variants(variants, x, repeats, warmup, device, dtype):
-    times = {n: [] for n, _ in variants}
+def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2):
+    """Warm every variant up (failures recorded), then time them interleaved."""
+    times, diffs, errors = {}, {}, {}
     ref = None
-    diffs = {}
+    runnable = []
     with torch.inference_mode():
-        for n, m in variants:
-            m.to(device=device, dtype=dtype)
-            for _ in range(warmup):
-                outs = m(x)
-            _sync(device)
+        for n, m, err in variants:
+            if err is not None:
+                errors[n] = err
+                continue
+            try:
+                if isinstance(m, torch.nn.Module):
+                    m.to(device=device, dtype=dtype)
+                for _ in range(warmup):
+                    outs = _as_tuple(m(x))
+                _sync(device)
+            except Exception as exc:     # noqa: BLE001 - reported in the table
+                errors[n] = _short(exc)
+                continue
             out = torch.cat([o.float().flatten() for o in outs])
             if ref is None:
                 ref = out
             diffs[n] = (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+            times[n] = []
+            runnable.append((n, m))
         for _ in range(repeats):
-            for n, m in variants:
+            for n, m in runnable:
+                # a pause first: the previous runtime's worker threads spin a while after a
+                # run, and would take the cores of the variant timed next
+                time.sleep(pause)
                 _sync(device)
                 t = time.perf_counter()
                 m(x)
                 _sync(device)
                 times[n].append(time.perf_counter() - t)
-    return times, diffs
+    return times, diffs, errors
+
+
+def gemm_rate(device='cpu', dtype=torch.float32, n=2048, repeats=10):
+    """Float32 matrix-multiply rate of this process (FLOP/s, 2 n^3 per product; best of
+    ``repeats`` after a warm-up), the machine peak the % column refers to."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float('inf')
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            _sync(device)
+            t = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            if i >= 2:
+                best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def model_macs(model, x):
+    """Multiply-adds of one forward (mmengine's FlopAnalyzer, the fvcore convention of
+    tools/get_flops.py); ``None`` if it cannot count the model."""
+    sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+    try:
+        from get_flops import count
+        return count(copy.deepcopy(model).float().cpu(), (x.float().cpu(),))[0]
+    except Exception:     # noqa: BLE001 - the column then reads n/a
+        return None
 
 
 def main(argv=None):
@@ -115,24 +214,45 @@ def main(argv=None):
     h, w = args.shape
     machine = (f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
                if args.device == 'cpu' else torch.cuda.get_device_name())
+    peak = gemm_rate(args.device, dtype)
+    versions = [f'torch {torch.__version__}']
+    for mod in ('onnxruntime', 'openvino'):
+        if mod in args.runtimes:
+            try:
+                versions.append(f'{mod} {__import__(mod).__version__}')
+            except ImportError:
+                versions.append(f'{mod} not installed')
     header = (f'backbone latency, input {args.batch}x3x{h}x{w}, {args.dtype}, {args.device} '
-              f'({machine}), torch {torch.__version__}, median of {args.repeats} '
-              f'(p90 in brackets), interleaved runs')
-    lines = [header, '', '| model | arch | variant | median ms | p90 ms | vs eager | '
-             'max rel diff |', '|---|---|---|---|---|---|---|']
-    print(header)
-    for cls, arch in jobs:
-        variants = build_variants(cls, arch)
-        x = torch.randn(args.batch, 3, h, w, device=args.device, dtype=dtype)
-        times, diffs = time_variants(variants, x, args.repeats, args.warmup, args.device, dtype)
-        eager = statistics.median(times['eager'])
-        for n, _ in variants:
-            med = statistics.median(times[n])
-            p90 = sorted(times[n])[max(0, int(0.9 * len(times[n])) - 1)]
-            row = (f'| {cls.__name__} | {arch} | {n} | {med * 1e3:.2f} | {p90 * 1e3:.2f} | '
-                   f'{eager / med:.2f}x | {diffs[n]:.1e} |')
-            lines.append(row)
-            print(row, flush=True)
+              f'({machine}), {", ".join(versions)}, median of {args.repeats} (p90), interleaved; '
+              f'{args.dtype} GEMM rate {peak / 1e9:.0f} GFLOP/s; load average at start '
+              f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
+    lines = [header, '', '| model | arch | runtime | median ms | p90 ms | vs eager | '
+             '% of GEMM peak | max rel diff |', '|---|---|---|---|---|---|---|---|']
+    print(header, flush=True)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for cls, arch in jobs:
+            x = torch.randn(args.batch, 3, h, w, device=args.device, dtype=dtype)
+            variants = build_variants(cls, arch, x, args.runtimes, not args.no_alternatives,
+                                      args.threads, tmpdir)
+            macs = model_macs(variants[0][1], x)
+            times, diffs, errors = time_variants(variants, x, args.repeats, args.warmup,
+                                                 args.device, dtype, args.pause_ms / 1e3)
+            # the best GEMM rate seen (before and after each model): on a shared machine one
+            # measurement can land in a busy moment
+            peak = max(peak, gemm_rate(args.device, dtype))
+            eager = statistics.median(times['eager'])
+            lines.append(f'| (GEMM peak so far: {peak / 1e9:.0f} GFLOP/s) | | | | | | | |')
+            for n, _, _ in variants:
+                if n in errors:
+                    row = f'| {cls.__name__} | {arch} | {n} | failed: {errors[n]} | | | | |'
+                else:
+                    med = statistics.median(times[n])
+                    p90 = sorted(times[n])[max(0, int(0.9 * len(times[n])) - 1)]
+                    pct = f'{100 * 2 * macs / med / peak:.1f}%' if macs else 'n/a'
+                    row = (f'| {cls.__name__} | {arch} | {n} | {med * 1e3:.2f} | '
+                           f'{p90 * 1e3:.2f} | {eager / med:.2f}x | {pct} | {diffs[n]:.1e} |')
+                lines.append(row)
+                print(row, flush=True)
     if args.out:
         with open(args.out, 'a') as f:
             f.write('\n'.join(lines) + '\n\n')

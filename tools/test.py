@@ -3,15 +3,19 @@
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE] [--show-dir DIR]
         [--deploy] [--cfg-options k=v ...] [--launcher pytorch]
+    python tools/test.py CONFIG MODEL.onnx --backend onnxruntime|openvino [--torch-weights CKPT]
 
-``--deploy`` folds the backbone's BatchNorms and caches its attention biases before testing
-(the deploy path, same predictions). ``--show-dir`` saves pictures of the predictions.
+``--deploy`` switches the backbone to deploy form (BatchNorms and layer scales folded) before
+testing: the same predictions. ``--show-dir`` saves pictures of the predictions.
 
 CHECKPOINT may be one of our training checkpoints or an official released dense file
 (EfficientFormer / EfficientFormerV2 COCO Mask R-CNN, ADE20K Semantic FPN: mmdet 2.x / mmseg 0.x
 runner files): ``effbackbones.StrictLoadHook`` converts it in memory, logs the load report and
 stops with an error naming every missing, unexpected or shape-mismatched tensor, so nothing is
 evaluated with partly random weights (``--load-not-strict`` opts out).
+
+``--backend`` runs a file of tools/export_onnx.py --config in that runtime, the post-processing
+in PyTorch (effbackbones.deploy.attach_runtime; docs/deploy.md).
 """
 import argparse
 import os.path as osp
@@ -39,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument('--wait-time', type=float, default=2, help='interval of --show (s)')
     p.add_argument('--deploy', action='store_true',
                    help='switch the backbone to deploy mode (BN folded) before testing')
+    p.add_argument('--backend', choices=['onnxruntime', 'openvino'],
+                   help='CHECKPOINT is an ONNX file of tools/export_onnx.py: run it here')
+    p.add_argument('--torch-weights', help='with --backend: checkpoint for the parts left in '
+                                           'PyTorch (Mask R-CNN RPN / RoI heads)')
     return parse_common(add_common_args(p), argv)
 
 
@@ -51,7 +59,8 @@ def main(argv=None):
                                              osp.splitext(osp.basename(args.config))[0]))
     if not osp.isfile(args.checkpoint) and '://' not in args.checkpoint:
         raise SystemExit(f'checkpoint not found: {args.checkpoint}')
-    cfg.load_from = args.checkpoint
+    # with --backend the ONNX file carries the exported part; --torch-weights the rest
+    cfg.load_from = args.torch_weights if args.backend else args.checkpoint
     # the trained weights replace the ImageNet init: do not require the ImageNet file
     if cfg.model.get('backbone', {}).get('init_cfg') is not None:
         cfg.model.backbone.init_cfg = None
@@ -89,6 +98,13 @@ def main(argv=None):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    if args.backend:
+        from effbackbones.deploy import attach_runtime
+        try:
+            attach_runtime(runner.model, args.checkpoint, args.backend,
+                           torch_weights=args.torch_weights)
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(str(exc)) from None
     runner.test()
 
 

@@ -1,0 +1,434 @@
+"""ONNX export of effbackbones backbones and of whole mmdet / mmseg models that use them.
+
+Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)`` (why: docs/deploy.md).
+It traces one forward. For a static export the attention biases of EfficientFormer v1 / V2 and
+LeViT are pinned first (``pin_attention_biases``: computed once by PyTorch for the export size,
+kept as buffers), so the graph holds them as constants instead of gathering / bicubically
+resizing the tables.
+
+What is exported:
+
+* ``--model CLASS --arch A``: the backbone after ``switch_to_deploy()``; outputs ``out_<i>`` =
+  the maps of ``out_indices``, in that order.
+* ``--config CFG``: mmseg ``EncoderDecoder`` -> image to ``seg_logits`` (backbone + neck +
+  decode head; the resize to the image and argmax stay in PyTorch); mmdet single-stage detector
+  (RetinaNet) -> backbone + neck + the head's raw ``cls_score_<l>`` / ``bbox_pred_<l>``; mmdet
+  two-stage detector (Mask R-CNN) -> backbone + neck ``feat_<l>`` (RPN / RoI heads stay in
+  PyTorch: their NMS / RoIAlign post-processing is data dependent).
+
+Dynamic height / width (``dynamic=True``) is allowed for families whose forward has no
+size-dependent tables (SwiftFormer, Mobile-Former); a backbone with relative-position attention
+biases (EfficientFormer v1 / V2, LeViT) is refused with an :class:`ExportError` that says to
+export one static file per input size.
+
+After writing the file, :func:`check_onnx_parity` runs it in onnxruntime on a random input and
+raises :class:`ParityError` when an output is outside the reference-pack tolerance
+``|out - ref| <= 2e-4 * max|ref| + 1e-4 * |ref|``.
+"""
+import contextlib
+import os
+import os.path as osp
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+#: the ONNX opset written (LayerNormalization needs 17; 17 is read by onnxruntime >= 1.14 and
+#: OpenVINO >= 2022.3)
+OPSET = 17
+#: :func:`compare` tolerance: ``|out - ref| <= ATOL_OF_MAX * max|ref| + RTOL * |ref|``, the rule
+#: of the official reference packs (``make_weights.compare_outputs``)
+ATOL_OF_MAX = 2e-4
+RTOL = 1e-4
+#: the ONNX metadata key naming what a file holds (read by :mod:`.runtime`)
+PART_KEY = 'effbackbones.part'
+PARTS = ('backbone', 'segmentor', 'single_stage', 'two_stage_features')
+
+
+class ExportError(ValueError):
+    """An export request that cannot be satisfied (the message says what to do instead)."""
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not reproduce the PyTorch outputs within tolerance."""
+
+
+# --------------------------------------------------------------------------------------------
+# comparison
+# --------------------------------------------------------------------------------------------
+def compare(outs, refs, names=None):
+    """``(ok, report)``: every ``outs[i]`` within ``2e-4 * max|refs[i]| + 1e-4 * |refs[i]|``.
+
+    One report line per output with the worst excess ratio (``err / allowed``, must be <= 1)
+    and the max abs difference relative to ``max|ref|``.
+    """
+    if len(outs) != len(refs):
+        return False, f'{len(outs)} outputs, expected {len(refs)}'
+    ok, lines = True, []
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        name = names[i] if names else f'output {i}'
+        o = torch.as_tensor(np.asarray(o) if not torch.is_tensor(o) else o).double()
+        r = torch.as_tensor(np.asarray(r) if not torch.is_tensor(r) else r).double()
+        if o.shape != r.shape:
+            ok = False
+            lines.append(f'{name}: shape {tuple(o.shape)} != reference {tuple(r.shape)}')
+            continue
+        peak = r.abs().max().item() if r.numel() else 0.0
+        err = (o - r).abs()
+        allowed = ATOL_OF_MAX * peak + RTOL * r.abs()
+        finite = bool(torch.isfinite(o).all())
+        ratio = (err / allowed.clamp_min(1e-30)).max().item() if r.numel() else 0.0
+        good = finite and bool((err <= allowed).all())
+        ok &= good
+        lines.append(f'{name}: {"ok " if good else "BAD"} shape {tuple(r.shape)} '
+                     f'max|diff|/max|ref| {err.max().item() / max(peak, 1e-30):.2e} '
+                     f'(worst err/allowed {ratio:.3f}{"" if finite else ", non-finite"})')
+    return ok, '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# building what gets exported
+# --------------------------------------------------------------------------------------------
+def build_backbone(model, arch, checkpoint=None, out_indices=None, **kwargs):
+    """An effbackbones backbone ``model`` (class name) / ``arch`` in eval mode; ``checkpoint``
+    goes through the same loud loader as ``init_cfg=dict(type='Pretrained')``."""
+    import effbackbones  # noqa: F401  (registers the backbones)
+    from effbackbones.registry import MODELS
+    cls = MODELS.get(model)
+    if cls is None or not getattr(cls, 'arch_zoo', None):
+        known = sorted(n for n, c in MODELS.module_dict.items() if getattr(c, 'arch_zoo', None))
+        raise ExportError(f'unknown backbone class {model!r}; choose one of {known}')
+    if checkpoint is not None:
+        if not osp.isfile(checkpoint):
+            raise ExportError(f'checkpoint not found: {checkpoint}')
+        kwargs['init_cfg'] = dict(type='Pretrained', checkpoint=checkpoint)
+    if out_indices is not None:
+        kwargs['out_indices'] = tuple(out_indices)
+    try:
+        backbone = cls(arch=arch, **kwargs)
+    except ValueError as exc:          # unknown arch, bad out_indices...
+        raise ExportError(str(exc)) from None
+    if checkpoint is not None:
+        backbone.init_weights()
+    else:                                # random weights (benchmarks, tests): no init log
+        backbone.init_default_weights()
+    return backbone.eval()
+
+
+def build_from_config(config, checkpoint, cfg_options=None):
+    """The mmdet / mmseg model of ``config`` with every tensor of ``checkpoint`` (a
+    tools/train.py checkpoint) loaded strictly, in eval mode."""
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    from mmengine.registry import MODELS as ROOT
+
+    from effbackbones.checkpoint import load_checkpoint_file, unwrap_state_dict
+    from effbackbones.utils.launch import detect_toolbox, register_toolbox
+    if not osp.isfile(config):
+        raise ExportError(f'config not found: {config}')
+    if not osp.isfile(checkpoint):
+        raise ExportError(f'checkpoint not found: {checkpoint}')
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    register_toolbox(detect_toolbox(cfg))
+    cfg.model.backbone.init_cfg = None       # the trained checkpoint holds the backbone too
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        model = ROOT.build(cfg.model)
+    state, _ = unwrap_state_dict(load_checkpoint_file(checkpoint))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(
+            f'{checkpoint} does not fit {config}: {len(result.missing_keys)} tensors missing '
+            f'{result.missing_keys[:6]}, {len(result.unexpected_keys)} unexpected '
+            f'{result.unexpected_keys[:6]} (a tools/train.py checkpoint of this config is '
+            f'expected)')
+    return model.eval(), cfg
+
+
+class SegmentorLogits(nn.Module):
+    """mmseg ``EncoderDecoder``: image -> ``seg_logits`` of the decode head (before the resize
+    to the image size, which ``decode_head.predict_by_feat`` does in PyTorch)."""
+    part = 'segmentor'
+
+    def __init__(self, segmentor):
+        super().__init__()
+        self.model = segmentor
+
+    def output_names(self, num_outputs):
+        return ['seg_logits']
+
+    def forward(self, x):
+        return (self.model.decode_head.forward(self.model.extract_feat(x)),)
+
+
+class SingleStageRaw(nn.Module):
+    """mmdet single-stage detector: image -> the head's raw outputs, flattened as
+    ``cls_score_0..L-1, bbox_pred_0..L-1`` (``bbox_head.predict_by_feat`` decodes them)."""
+    part = 'single_stage'
+
+    def __init__(self, detector):
+        super().__init__()
+        self.model = detector
+
+    def output_names(self, num_outputs):
+        n = num_outputs // 2
+        return [f'cls_score_{i}' for i in range(n)] + [f'bbox_pred_{i}' for i in range(n)]
+
+    def forward(self, x):
+        outs = self.model.bbox_head.forward(self.model.extract_feat(x))
+        if len(outs) != 2:
+            raise ExportError(f'{type(self.model.bbox_head).__name__} returns {len(outs)} '
+                              f'groups of maps; only (cls_scores, bbox_preds) heads are exported')
+        return tuple(outs[0]) + tuple(outs[1])
+
+
+class TwoStageFeatures(nn.Module):
+    """mmdet two-stage detector: image -> the neck's maps ``feat_<l>`` (the RPN and RoI heads,
+    with their NMS and RoIAlign, stay in PyTorch)."""
+    part = 'two_stage_features'
+
+    def __init__(self, detector):
+        super().__init__()
+        self.model = detector
+
+    def output_names(self, num_outputs):
+        return [f'feat_{i}' for i in range(num_outputs)]
+
+    def forward(self, x):
+        return tuple(self.model.extract_feat(x))
+
+
+class BackboneMaps(nn.Module):
+    """A backbone: image -> the maps of ``out_indices`` (``out_<index>``)."""
+    part = 'backbone'
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.model = backbone
+
+    def output_names(self, num_outputs):
+        return [f'out_{i}' for i in self.model.out_indices]
+
+    def forward(self, x):
+        return tuple(self.model(x))
+
+
+def exportable_part(model):
+    """Wrap an mm model (or a bare backbone) in the module whose graph gets exported."""
+    if hasattr(model, 'arch_settings'):
+        return BackboneMaps(model)
+    if hasattr(model, 'decode_head'):
+        if getattr(model, 'auxiliary_head', None) is not None:
+            warnings.warn('the auxiliary head is a training-only branch: not exported')
+        return SegmentorLogits(model)
+    if hasattr(model, 'roi_head'):
+        return TwoStageFeatures(model)
+    if hasattr(model, 'bbox_head'):
+        return SingleStageRaw(model)
+    raise ExportError(f'cannot export a {type(model).__name__}: supported are effbackbones '
+                      f'backbones, mmseg EncoderDecoder, mmdet single- and two-stage detectors')
+
+
+def effb_backbone(model):
+    """The effbackbones backbone inside ``model`` (or ``model`` itself)."""
+    return model if hasattr(model, 'arch_settings') else model.backbone
+
+
+# --------------------------------------------------------------------------------------------
+# request checks
+# --------------------------------------------------------------------------------------------
+def check_request(backbone, shape, batch=1, dynamic=False):
+    """Raise :class:`ExportError` for a size the backbone cannot take or a dynamic export of a
+    family whose biases depend on the size."""
+    h, w = (int(s) for s in shape)
+    if h <= 0 or w <= 0 or batch <= 0:
+        raise ExportError(f'--shape and --batch must be positive, got {h}x{w}, batch {batch}')
+    try:
+        backbone.check_input(torch.empty(batch, backbone.in_channels, h, w))
+    except ValueError as exc:
+        raise ExportError(f'--shape {h} {w}: {exc}') from None
+    if dynamic and backbone.attention_bias_modules():
+        raise ExportError(
+            f'{type(backbone).__name__} cannot be exported with dynamic height / width: its '
+            f'attention biases are (heads, Nq, Nk) tables built for one token grid (resized / '
+            f'gathered in Python from the input size), so the graph holds them as constants of '
+            f'the traced size. Export one static file per input size instead (drop --dynamic, '
+            f'--shape H W). Dynamic sizes work for SwiftFormer and MobileFormer.')
+
+
+# --------------------------------------------------------------------------------------------
+# export + parity
+# --------------------------------------------------------------------------------------------
+def _quiet_export(*args, **kwargs):
+    with warnings.catch_warnings():
+        # tracer notes about Python ints taken from sizes: expected for a static export, and
+        # a dynamic export is checked at a second size instead of trusting the warnings
+        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+        warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export.*')
+        warnings.filterwarnings('ignore', category=DeprecationWarning)
+        warnings.filterwarnings('ignore', category=FutureWarning)
+        torch.onnx.export(*args, **kwargs)
+
+
+class ScaleUpsample(nn.Module):
+    """mmseg's ``Upsample`` by an integer factor, as ``F.interpolate(scale_factor=...)``.
+
+    mmseg computes the output size as Python ``int``\ s from the input shape, which a traced
+    graph keeps as constants (a dynamic Semantic FPN would upsample every size to the traced
+    one); with an integer factor both give the same size and the same sampling positions.
+    """
+
+    def __init__(self, up):
+        super().__init__()
+        self.scale_factor, self.mode, self.align_corners = \
+            up.scale_factor, up.mode, up.align_corners
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode,
+                             align_corners=self.align_corners)
+
+
+def _export_equivalent(m):
+    """The export-friendly stand-in for module ``m``, or ``None`` to keep it."""
+    if type(m) is nn.GroupNorm:      # deploy already swapped the backbone's own
+        from effbackbones.models.layers import ExportableGroupNorm
+        return ExportableGroupNorm.from_group_norm(m)
+    if type(m).__name__ == 'Upsample' and type(m).__module__.startswith('mmseg') and \
+            not m.size and isinstance(m.scale_factor, float) and m.scale_factor.is_integer():
+        return ScaleUpsample(m)
+    return None
+
+
+@contextlib.contextmanager
+def export_friendly(module):
+    """Swap the sub-modules whose default ONNX graph is less accurate (``nn.GroupNorm``: its
+    InstanceNormalization graph is one long float32 sum in onnxruntime / OpenVINO; see
+    :class:`~effbackbones.models.layers.ExportableGroupNorm`) or frozen to the traced size
+    (:class:`ScaleUpsample`) for equivalents while exporting; restored afterwards."""
+    swaps = []
+    for name, m in list(module.named_modules()):
+        new = _export_equivalent(m)
+        if new is not None:
+            parent = module.get_submodule(name.rpartition('.')[0]) if '.' in name else module
+            swaps.append((parent, name.rpartition('.')[2], m, new))
+    try:
+        for parent, attr, _, new in swaps:
+            setattr(parent, attr, new)
+        yield module
+    finally:
+        for parent, attr, m, _ in swaps:
+            setattr(parent, attr, m)
+
+
+def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None):
+    """Trace ``part`` (an :func:`exportable_part`) on ``dummy`` and write ``out``; returns the
+    PyTorch outputs for ``dummy``."""
+    part.eval()
+    with torch.no_grad():
+        ref = part(dummy)
+        names = part.output_names(len(ref))
+        dynamic_axes = None
+        if dynamic:
+            dynamic_axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
+            dynamic_axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'}
+                                 for n in names})
+        os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
+        with export_friendly(part):
+            _quiet_export(part, (dummy,), out, input_names=['input'], output_names=names,
+                          opset_version=opset, dynamic_axes=dynamic_axes,
+                          do_constant_folding=True, dynamo=False)
+    _write_metadata(out, dict(metadata or {}, **{PART_KEY: part.part,
+                                                'effbackbones.dynamic': str(bool(dynamic)),
+                                                'effbackbones.input_shape':
+                                                    'x'.join(map(str, dummy.shape))}))
+    return [r.detach() for r in ref]
+
+
+def _write_metadata(path, metadata):
+    import onnx
+    model = onnx.load(path)
+    for k, v in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = str(k), str(v)
+    onnx.save(model, path)
+
+
+def check_onnx_parity(path, part, inputs, backend='onnxruntime', threads=None):
+    """Run ``path`` in ``backend`` on each input and compare with ``part`` in PyTorch; raise
+    :class:`ParityError` naming the outputs that are off. Returns the reports."""
+    from .runtime import RuntimeSession
+    session = RuntimeSession(path, backend, threads=threads)
+    reports = []
+    for x in inputs:
+        with torch.no_grad():
+            ref = part(x)
+        ok, report = compare(session(x), ref, session.output_names)
+        shape = 'x'.join(map(str, x.shape))
+        reports.append(f'[{backend} vs PyTorch, input {shape}]\n{report}')
+        if not ok:
+            raise ParityError(f'{path} in {backend} differs from PyTorch beyond the tolerance '
+                              f'|diff| <= {ATOL_OF_MAX:g}*max|ref| + {RTOL:g}*|ref|:\n'
+                              + reports[-1])
+    return reports
+
+
+def parity_inputs(in_channels, shape, batch, dynamic, size_divisor=32, seed=0):
+    """Random inputs for the parity check: the export size, and for a dynamic export a second,
+    different size (and batch) that a graph with a frozen size would get wrong."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = shape
+    xs = [torch.randn(batch, in_channels, h, w, generator=g)]
+    if dynamic:
+        d = size_divisor or 32
+        xs.append(torch.randn(batch + 1, in_channels, h + d, w + 2 * d, generator=g))
+    return xs
+
+
+def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, opset=OPSET,
+           metadata=None, log=print):
+    """Export a backbone or an mm model (see the module docstring) and check it in onnxruntime.
+
+    Args:
+        model: an effbackbones backbone or an mmdet / mmseg model holding one, in eval mode with
+            its weights loaded.
+        shape: ``(H, W)`` of the exported input.
+        deploy: call ``switch_to_deploy()`` on the backbone first (skipped if already done).
+        check: run :func:`check_onnx_parity`; when off, the file is renamed
+            ``*.parity-failed.onnx`` and :class:`ParityError` raised.
+
+    Returns the parity reports (empty when ``check`` is False).
+    """
+    backbone = effb_backbone(model)
+    check_request(backbone, shape, batch, dynamic)
+    if deploy and not getattr(backbone, 'deploy', False):
+        backbone.switch_to_deploy()
+    if not dynamic:
+        # the attention biases of this size become graph constants computed by PyTorch (no
+        # gather / bicubic resize of the tables in the graph); nothing to pin elsewhere
+        backbone.pin_attention_biases(tuple(int(s) for s in shape))
+    part = exportable_part(model).eval()
+    inputs = parity_inputs(backbone.in_channels, shape, batch, dynamic, backbone.size_divisor)
+    export_module(part, inputs[0], out, dynamic=dynamic, opset=opset, metadata=metadata)
+    log(f'wrote {out} ({part.part}, input {"x".join(map(str, inputs[0].shape))}'
+        f'{", dynamic batch/height/width" if dynamic else ", static"}, '
+        f'{osp.getsize(out) / 2 ** 20:.1f} MiB)')
+    if not check:
+        return []
+    try:
+        reports = check_onnx_parity(out, part, inputs)
+    except ParityError as exc:
+        # keep the file for inspection, under a name nobody deploys by mistake
+        rejected = osp.splitext(out)[0] + '.parity-failed.onnx'
+        os.replace(out, rejected)
+        raise ParityError(f'{exc}\n(file moved to {rejected})') from None
+    for r in reports:
+        log(r)
+    return reports
+
+
+__all__ = ['OPSET', 'PARTS', 'PART_KEY', 'ExportError', 'ParityError', 'compare',
+           'build_backbone', 'build_from_config', 'exportable_part', 'check_request',
+           'export_module', 'check_onnx_parity', 'parity_inputs', 'export']

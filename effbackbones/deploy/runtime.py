@@ -1,0 +1,139 @@
+"""Running exported ONNX files in onnxruntime or OpenVINO, and plugging them into mm models.
+
+:class:`RuntimeSession` is a callable ``torch.Tensor -> list[torch.Tensor]`` over one ONNX file
+in either runtime (CPU, float32). :func:`attach_runtime` makes an mmdet / mmseg model run the
+exported part of itself in the runtime while everything after it (mmseg's resize of the logits,
+mmdet's box decoding + NMS, the Mask R-CNN RPN / RoI heads) stays in PyTorch, so
+``tools/test.py CONFIG MODEL.onnx --backend onnxruntime`` evaluates with the config's own metric.
+"""
+import os
+import types
+
+import numpy as np
+import torch
+
+from .export import PART_KEY, PARTS
+
+BACKENDS = ('onnxruntime', 'openvino')
+
+
+def read_metadata(path):
+    import onnx
+    model = onnx.load(path, load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    inp = model.graph.input[0].type.tensor_type.shape.dim
+    meta['_input_dims'] = tuple(d.dim_value if d.HasField('dim_value') else None for d in inp)
+    return meta
+
+
+class RuntimeSession:
+    """One ONNX file in ``backend`` (CPU, float32).
+
+    Args:
+        path: the .onnx file.
+        backend: ``'onnxruntime'`` or ``'openvino'``.
+        threads: intra-op threads (default: the runtime's own choice). OpenVINO is pinned to
+            float32 inference: on CPUs with AMX / AVX512-BF16 its default would be bfloat16.
+        spin: let onnxruntime's threads spin between runs (its default: lowest latency when it
+            owns the cores; ``False`` when other work shares them, e.g. a side-by-side
+            benchmark, where spinning threads slow the others down).
+    """
+
+    def __init__(self, path, backend='onnxruntime', threads=None, spin=True):
+        if backend not in BACKENDS:
+            raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'ONNX file not found: {path}')
+        self.path, self.backend = path, backend
+        self.metadata = read_metadata(path)
+        self.input_dims = self.metadata.pop('_input_dims')
+        if backend == 'onnxruntime':
+            import onnxruntime as ort
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if threads:
+                opts.intra_op_num_threads = int(threads)
+                opts.inter_op_num_threads = 1
+            if not spin:
+                opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
+            self._sess = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+            self.output_names = [o.name for o in self._sess.get_outputs()]
+            self._input_name = self._sess.get_inputs()[0].name
+        else:
+            import openvino as ov
+            core = ov.Core()
+            config = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
+            if threads:
+                config['INFERENCE_NUM_THREADS'] = int(threads)
+            self._compiled = core.compile_model(core.read_model(path), 'CPU', config)
+            self._request = self._compiled.create_infer_request()
+            self.output_names = [o.get_any_name() for o in self._compiled.outputs]
+
+    @property
+    def part(self):
+        return self.metadata.get(PART_KEY, 'backbone')
+
+    def check_input(self, x):
+        expected = self.input_dims
+        if len(expected) != x.dim() or any(
+                e is not None and e != s for e, s in zip(expected, x.shape)):
+            want = 'x'.join('?' if e is None else str(e) for e in expected)
+            got = 'x'.join(map(str, x.shape))
+            raise ValueError(
+                f'{self.path} was exported for input {want}; got {got}. Export it again with '
+                f'--shape {x.shape[2]} {x.shape[3]} (and --batch {x.shape[0]}), or with '
+                f'--dynamic where the family allows it (SwiftFormer, MobileFormer).')
+
+    def __call__(self, x):
+        self.check_input(x)
+        arr = np.ascontiguousarray(x.detach().cpu().float().numpy())
+        if self.backend == 'onnxruntime':
+            outs = self._sess.run(None, {self._input_name: arr})
+        else:
+            result = self._request.infer({0: arr})
+            outs = [result[o] for o in self._compiled.outputs]
+        return [torch.from_numpy(np.asarray(o)).to(x.device) for o in outs]
+
+
+def attach_runtime(model, path, backend='onnxruntime', threads=None, torch_weights=None):
+    """Make ``model`` (an mmdet / mmseg model built from the config the file was exported from)
+    run the exported part of itself in ``backend``; returns the session.
+
+    ``torch_weights`` says whether the parts left in PyTorch get trained weights: required for
+    a two-stage detector (its RPN / RoI heads are not in the file).
+    """
+    session = RuntimeSession(path, backend, threads)
+    part = session.part
+    if part not in PARTS or part == 'backbone':
+        raise ValueError(f'{path} holds a {part!r} graph; tools/test.py needs a file exported '
+                         f'with --config (a segmentor or detector)')
+    if part == 'segmentor':
+        if not hasattr(model, 'decode_head'):
+            raise ValueError(f'{path} holds a segmentor but the config builds a '
+                             f'{type(model).__name__}')
+        model.extract_feat = types.MethodType(lambda self, inputs: session(inputs)[0], model)
+        # the file already ends with the decode head: its forward passes the logits through
+        model.decode_head.forward = lambda logits: logits
+    elif part == 'single_stage':
+        if not hasattr(model, 'bbox_head') or hasattr(model, 'roi_head'):
+            raise ValueError(f'{path} holds a single-stage detector but the config builds a '
+                             f'{type(model).__name__}')
+        model.extract_feat = types.MethodType(lambda self, inputs: session(inputs), model)
+
+        def head_outputs(outs):
+            n = len(outs) // 2
+            return list(outs[:n]), list(outs[n:])
+        model.bbox_head.forward = head_outputs
+    else:
+        if not hasattr(model, 'roi_head'):
+            raise ValueError(f'{path} holds two-stage detector features but the config builds '
+                             f'a {type(model).__name__}')
+        if not torch_weights:
+            raise ValueError(f'{path} holds the backbone + neck only; the RPN and RoI heads run '
+                             f'in PyTorch and need the trained checkpoint: pass --torch-weights '
+                             f'CHECKPOINT.pth')
+        model.extract_feat = types.MethodType(lambda self, inputs: tuple(session(inputs)), model)
+    return session
+
+
+__all__ = ['BACKENDS', 'RuntimeSession', 'attach_runtime', 'read_metadata']

@@ -1,0 +1,256 @@
+"""ONNX export and the onnxruntime / OpenVINO runtimes (effbackbones.deploy, tools/export_onnx.py,
+tools/test.py --backend).
+
+* every family's exported file, eager and deploy, reproduces the official reference pack in both
+  runtimes (``compare_outputs``), the checkpoint going through the init_cfg loader;
+* a dynamic-size export runs at two sizes (and batches) in both runtimes;
+* a whole Semantic FPN (image -> logits) matches PyTorch; tools/test.py with the file in a
+  runtime gives PyTorch's metrics on the synthetic data;
+* impossible requests fail with a message saying what to do.
+"""
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, load_pack, make_weights
+
+PY = sys.executable
+SEG = 'configs/demo/semfpn_swiftformer_xs_shapes.py'
+
+# one variant per family (the smallest), the pack's release wrapper and model arguments
+FAMILIES = [
+    ('SwiftFormer', 'swiftformer', 'xs', 'model', {}),
+    ('EfficientFormer', 'efficientformer', 'l1', 'model', {}),
+    ('EfficientFormerV2', 'efficientformerv2', 's0', 'model', {}),
+    ('LeViT', 'levit', '128s', 'model', dict(out_indices=(0, 1, 2, 3, 4))),
+    ('MobileFormer', 'mobileformer', '26m', 'state_dict', {}),
+]
+
+
+def _pack_checkpoint(family, variant, wrapper, tmp_path):
+    mw = make_weights()
+    pack = load_pack(family, variant)
+    ckpt = tmp_path / f'{family}_{variant}.pth'
+    torch.save({wrapper: mw.state_dict_from_pack(pack)}, ckpt)
+    return pack, str(ckpt)
+
+
+@pytest.mark.parametrize('deploy', [False, True], ids=['eager', 'deploy'])
+@pytest.mark.parametrize('cls_name,family,variant,wrapper,kw', FAMILIES,
+                         ids=[f[1] for f in FAMILIES])
+def test_pack_parity_in_both_runtimes(cls_name, family, variant, wrapper, kw, deploy, tmp_path):
+    from effbackbones.deploy import RuntimeSession, build_backbone, export
+    mw = make_weights()
+    pack, ckpt = _pack_checkpoint(family, variant, wrapper, tmp_path)
+    x = mw.input_from_pack(pack)
+    model = build_backbone(cls_name, variant, ckpt, kw.get('out_indices'))
+    out = str(tmp_path / 'model.onnx')
+    # the export's own onnxruntime check is done below against the pack instead
+    export(model, x.shape[2:], out, batch=x.shape[0], deploy=deploy, check=False,
+           log=lambda *_: None)
+    assert model.deploy == deploy
+    for backend in ('onnxruntime', 'openvino'):
+        outs = RuntimeSession(out, backend, threads=1)(x)
+        ok, report = mw.compare_outputs(outs, pack)
+        assert ok, f'{family} {variant} ({"deploy" if deploy else "eager"}, {backend}):\n{report}'
+
+
+def test_bias_tables_are_graph_constants(tmp_path):
+    """A static export holds the attention biases as computed by PyTorch: no gather / Resize
+    of the tables is left in the graph (the op behind EfficientFormer's 2e-4 in a naive
+    export is the bicubic Resize of the dense bias matrix, see docs/deploy.md)."""
+    import onnx
+    from effbackbones.deploy import build_backbone, export
+    model = build_backbone('EfficientFormer', 'l1')
+    out = str(tmp_path / 'l1.onnx')
+    export(model, (224, 224), out, check=False, log=lambda *_: None)
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert 'Resize' not in ops and 'GatherND' not in ops, sorted(ops)
+    assert 'Gather' not in ops, sorted(ops)
+
+
+def test_dynamic_export_two_sizes_both_runtimes(tmp_path):
+    from effbackbones.deploy import RuntimeSession, build_backbone, compare, export
+    model = build_backbone('SwiftFormer', 'xs', out_indices=(1, 3))
+    out = str(tmp_path / 'dyn.onnx')
+    reports = export(model, (224, 224), out, dynamic=True, log=lambda *_: None)
+    assert len(reports) == 2            # the export checked a second size itself
+    for backend in ('onnxruntime', 'openvino'):
+        sess = RuntimeSession(out, backend, threads=1)
+        assert sess.output_names == ['out_1', 'out_3']
+        for shape in [(1, 3, 160, 224), (2, 3, 288, 192)]:
+            x = torch.randn(shape)
+            with torch.no_grad():
+                ref = model(x)
+            outs = sess(x)
+            assert outs[1].shape[2:] == (shape[2] // 32, shape[3] // 32)
+            ok, report = compare(outs, ref)
+            assert ok, f'{backend} {shape}:\n{report}'
+
+
+def test_static_file_refuses_another_size(tmp_path):
+    from effbackbones.deploy import RuntimeSession, build_backbone, export
+    model = build_backbone('SwiftFormer', 'xs', out_indices=(3,))
+    out = str(tmp_path / 'static.onnx')
+    export(model, (128, 128), out, log=lambda *_: None)
+    with pytest.raises(ValueError, match=r'exported for input 1x3x128x128; got 1x3x160x128.*'
+                                         r'--shape 160 128'):
+        RuntimeSession(out, 'onnxruntime')(torch.zeros(1, 3, 160, 128))
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--model', 'LeViT', '--arch', '128s', '--shape', '224', '224', '--dynamic'],
+     r'LeViT cannot be exported with dynamic height / width.*static file per input size'),
+    (['--model', 'EfficientFormerV2', '--arch', 's0', '--shape', '224', '224', '--dynamic'],
+     r'EfficientFormerV2 cannot be exported with dynamic'),
+    (['--model', 'EfficientFormerV3', '--arch', 'l1', '--shape', '224', '224'],
+     r"unknown backbone class 'EfficientFormerV3'; choose one of \[.*'SwiftFormer'"),
+    (['--model', 'SwiftFormer', '--arch', 'xxl', '--shape', '224', '224'],
+     r"unknown SwiftFormer arch 'xxl'"),
+    (['--model', 'EfficientFormerV2', '--arch', 's0', '--shape', '200', '224'],
+     r'--shape 200 224: EfficientFormerV2 needs input sides that are multiples of 32'),
+    (['--model', 'LeViT', '--arch', '128s', '--shape', '224', '240'],
+     r'--shape 224 240: LeViT needs input sides that are multiples of 32'),
+    (['--model', 'SwiftFormer', '--arch', 'xs', '--checkpoint', 'no/such.pth', '--shape', '224',
+      '224'], r'checkpoint not found: no/such.pth'),
+    (['--config', SEG, '--shape', '256', '256'], r'--config needs --checkpoint'),
+])
+def test_export_tool_clear_errors(args, message, tmp_path, capsys):
+    sys.path.insert(0, osp.join(REPO, 'tools'))
+    import export_onnx
+    assert export_onnx.main(args + ['--out', str(tmp_path / 'x.onnx')]) == 2
+    assert re.search(message, capsys.readouterr().err, re.S)
+    assert not (tmp_path / 'x.onnx').exists()
+
+
+def test_wrong_checkpoint_is_refused_loudly(tmp_path):
+    """A checkpoint of another variant fails in the init_cfg loader (no random weights)."""
+    from effbackbones.checkpoint import CheckpointError
+    from effbackbones.deploy import build_backbone
+    _, ckpt = _pack_checkpoint('swiftformer', 's', 'model', tmp_path)
+    with pytest.raises(CheckpointError, match='shape'):
+        build_backbone('SwiftFormer', 'xs', ckpt)
+
+
+# --------------------------------------------------------------------------------------------
+# whole models: Semantic FPN (image -> logits), tools/test.py --backend
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def semfpn(tmp_path_factory):
+    """The demo Semantic FPN config with random weights saved as a trained checkpoint, and a
+    tiny synthetic dataset."""
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    from mmengine.registry import MODELS as ROOT
+    from effbackbones.datasets.synthetic import make_shapes_dataset
+    from effbackbones.utils.launch import register_toolbox
+    tmp = tmp_path_factory.mktemp('semfpn')
+    root = str(tmp / 'shapes')
+    make_shapes_dataset(root, num_train=1, num_val=3, size=(128, 160), max_objects=3)
+    cfg = Config.fromfile(osp.join(REPO, SEG))
+    register_toolbox('mmseg')
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = ROOT.build(cfg.model)
+    model.init_weights()
+    ckpt = str(tmp / 'semfpn.pth')
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+    return dict(root=root + '/seg/', ckpt=ckpt, tmp=tmp)
+
+
+def test_semfpn_whole_model_logits(semfpn):
+    from effbackbones.deploy import RuntimeSession, build_from_config, compare, export
+    model, _ = build_from_config(osp.join(REPO, SEG), semfpn['ckpt'])
+    out = str(semfpn['tmp'] / 'semfpn_static.onnx')
+    export(model, (192, 256), out, log=lambda *_: None)
+    x = torch.randn(1, 3, 192, 256)
+    with torch.no_grad():
+        ref = model.decode_head.forward(model.extract_feat(x))       # the deploy model
+    sess = RuntimeSession(out, 'openvino', threads=1)
+    assert sess.part == 'segmentor' and sess.output_names == ['seg_logits']
+    outs = sess(x)
+    assert outs[0].shape == (1, 4, 48, 64)
+    ok, report = compare(outs, [ref])
+    assert ok, report
+
+
+def _metrics(stdout):
+    m = re.findall(r'aAcc: ([\d.]+)\s+mIoU: ([\d.]+)\s+mAcc: ([\d.]+)', stdout)
+    assert m, stdout[-3000:]
+    return m[-1]
+
+
+@pytest.mark.slow
+def test_tools_test_backend_metrics_equal_pytorch(semfpn):
+    """tools/test.py with the whole Semantic FPN in onnxruntime (dynamic export) gives the
+    PyTorch checkpoint's metrics (OpenVINO's logits are checked in the test above)."""
+    from effbackbones.deploy import build_from_config, export
+    env = dict(__import__('os').environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    opts = ['--cfg-options', f'test_dataloader.dataset.data_root={semfpn["root"]}']
+    onnx_file = str(semfpn['tmp'] / 'semfpn_dynamic.onnx')
+    model, _ = build_from_config(osp.join(REPO, SEG), semfpn['ckpt'])
+    export(model, (192, 256), onnx_file, dynamic=True, log=lambda *_: None)
+
+    def run(args):
+        proc = subprocess.run([PY, 'tools/test.py', SEG] + args + opts, cwd=REPO,
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return proc.stdout + proc.stderr
+
+    wd = str(semfpn['tmp'] / 'wd')
+    torch_metrics = _metrics(run([semfpn['ckpt'], '--work-dir', wd]))
+    assert float(torch_metrics[1]) > 0
+    log = run([onnx_file, '--backend', 'onnxruntime', '--work-dir', wd])
+    assert _metrics(log) == torch_metrics
+
+
+def test_group_norm_exported_with_short_reductions(tmp_path):
+    """A plain nn.GroupNorm(1, C) on a large map (EfficientFormer's stride-4 output norm at
+    512x512; the eager export and mm necks / heads keep plain GroupNorms) is exported as
+    ExportableGroupNorm: both runtimes stay at float32 rounding of the float64 value (the
+    InstanceNormalization graph drifted by ~1e-4 of max|out|)."""
+    from effbackbones.deploy.export import export_friendly
+    from effbackbones.deploy.runtime import RuntimeSession
+    gn = torch.nn.GroupNorm(1, 48).eval()
+    torch.nn.init.normal_(gn.weight)
+    torch.nn.init.normal_(gn.bias)
+    x = torch.randn(1, 48, 128, 128) * 0.2 + 0.13
+    with torch.no_grad():
+        ref = torch.nn.functional.group_norm(x.double(), 1, gn.weight.double(),
+                                             gn.bias.double())
+    part = torch.nn.Sequential(gn)
+    path = str(tmp_path / 'gn.onnx')
+    with torch.no_grad(), export_friendly(part):
+        assert type(part[0]).__name__ == 'ExportableGroupNorm'
+        torch.onnx.export(part, (x,), path, opset_version=17, dynamo=False)
+    assert type(part[0]) is torch.nn.GroupNorm          # restored
+    for backend in ('onnxruntime', 'openvino'):
+        out = RuntimeSession(path, backend)(x)[0].double()
+        err = (out - ref).abs().max() / ref.abs().max()
+        assert err < 2e-6, (backend, err.item())
+
+
+def test_export_fails_loudly_above_the_tolerance(tmp_path, monkeypatch):
+    """The post-export check raises and moves the file aside when the runtime is off (here a
+    PyTorch reference perturbed by 1e-3 of its max after the export)."""
+    import importlib
+    from effbackbones.deploy import ParityError, build_backbone, export
+    export_mod = importlib.import_module('effbackbones.deploy.export')
+    model = build_backbone('SwiftFormer', 'xs', out_indices=(3,))
+    real = export_mod.check_onnx_parity
+
+    def perturbed(path, part, inputs, **kw):
+        class Off(torch.nn.Module):
+            def forward(self, x):
+                out = part(x)
+                return tuple(o + 1e-3 * o.abs().max() for o in out)
+        return real(path, Off(), inputs, **kw)
+    monkeypatch.setattr(export_mod, 'check_onnx_parity', perturbed)
+    out = tmp_path / 'x.onnx'
+    with pytest.raises(ParityError, match=r'out_3: BAD .*worst err/allowed'):
+        export(model, (128, 128), str(out), log=lambda *_: None)
+    assert not out.exists() and (tmp_path / 'x.parity-failed.onnx').exists()

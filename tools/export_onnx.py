@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Export an effbackbones backbone, or a whole Semantic FPN / the exportable part of a detector,
+to ONNX, then check the file in onnxruntime against PyTorch (fails above the tolerance).
+
+    # a backbone in deploy form (BN folded), outputs out_<i> in out_indices order
+    python tools/export_onnx.py --model SwiftFormer --arch l1 --checkpoint SwiftFormer_L1.pth \\
+        --shape 512 512 [--out-indices 0 1 2 3] [--batch 1] [--dynamic] --out swiftformer_l1.onnx
+    # a trained config: Semantic FPN -> seg logits; RetinaNet -> raw head outputs;
+    # Mask R-CNN -> backbone + neck features (post-processing runs in PyTorch, tools/test.py)
+    python tools/export_onnx.py --config configs/semfpn_swiftformer_l1.py \\
+        --checkpoint work_dirs/semfpn_swiftformer_l1/iter_40000.pth --shape 512 512 --out semfpn.onnx
+
+``--dynamic`` makes batch, height and width free (SwiftFormer, MobileFormer); the families with
+relative-position attention biases (EfficientFormer v1 / V2, LeViT) are exported per size.
+Exit status 2 with a message for a request that cannot be met, 1 when the parity check fails.
+See docs/deploy.md.
+"""
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='ONNX export with an onnxruntime parity check')
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument('--model', help='backbone class, e.g. SwiftFormer, EfficientFormer, LeViT')
+    g.add_argument('--config', help='an mmdet / mmseg config of this project (with --checkpoint)')
+    p.add_argument('--arch', help='backbone variant (with --model), e.g. l1, s0, 128s, 294m')
+    p.add_argument('--checkpoint', help='with --model: backbone weights (official, timm or ours; '
+                                        'the init_cfg loader); with --config: a trained '
+                                        'checkpoint of the config (required)')
+    p.add_argument('--out-indices', type=int, nargs='+', help='maps to return (with --model)')
+    p.add_argument('--shape', type=int, nargs=2, required=True, metavar=('H', 'W'))
+    p.add_argument('--batch', type=int, default=1)
+    p.add_argument('--dynamic', action='store_true', help='free batch / height / width')
+    p.add_argument('--no-deploy', action='store_true',
+                   help='export the eager backbone (BN not folded)')
+    p.add_argument('--no-check', action='store_true', help='skip the onnxruntime parity check')
+    p.add_argument('--opset', type=int, default=None, help='ONNX opset (default 17)')
+    p.add_argument('--out', required=True, help='the .onnx file to write')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from effbackbones.checkpoint import CheckpointError
+    from effbackbones.deploy import OPSET, ExportError, ParityError, export
+    from effbackbones.deploy.export import build_backbone, build_from_config
+    try:
+        if args.model:
+            if not args.arch:
+                raise ExportError('--model needs --arch (e.g. --model SwiftFormer --arch l1)')
+            model = build_backbone(args.model, args.arch, args.checkpoint, args.out_indices)
+            meta = {'effbackbones.model': f'{args.model} {args.arch}'}
+        else:
+            if not args.checkpoint:
+                raise ExportError('--config needs --checkpoint (a trained checkpoint of it)')
+            if args.out_indices:
+                raise ExportError('--out-indices applies to --model; a config fixes its own')
+            model, _ = build_from_config(args.config, args.checkpoint)
+            meta = {'effbackbones.config': args.config}
+        export(model, args.shape, args.out, batch=args.batch, dynamic=args.dynamic,
+               deploy=not args.no_deploy, check=not args.no_check, opset=args.opset or OPSET,
+               metadata=meta)
+    except (ExportError, CheckpointError) as exc:
+        print(f'export_onnx: {exc}', file=sys.stderr)
+        return 2
+    except ParityError as exc:
+        print(f'export_onnx: PARITY FAILED: {exc}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
