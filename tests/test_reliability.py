@@ -391,19 +391,21 @@ def test_hooks_on_by_default_in_configs_and_train_tool():
     train_tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_tool)
     add_reliability_hooks = train_tool.add_reliability_hooks
+    # every task base inherits the shared runtime base, which lists the hooks
+    expected = ['effbackbones.ExactResumeHook', 'effbackbones.DivergenceGuardHook',
+                'effbackbones.StrictLoadHook']
     for base in ('maskrcnn_fpn_1x_coco_adamw', 'retinanet_fpn_1x_coco_adamw',
                  'semfpn_ade20k_40k_adamw'):
-        text = open(osp.join(REPO, 'configs', '_base_', base + '.py')).read()
-        assert "dict(type='effbackbones.ExactResumeHook')" in text
-        assert "dict(type='effbackbones.DivergenceGuardHook', action='stop')" in text
+        cfg = Config.fromfile(osp.join(REPO, 'configs', '_base_', base + '.py'))
+        assert [h['type'] for h in cfg.custom_hooks] == expected, base
+        assert cfg.custom_hooks[1]['action'] == 'stop'
     # no paper or demo config replaces the task bases' custom_hooks
     for path in glob.glob(osp.join(REPO, 'configs', '*.py')) + \
             glob.glob(osp.join(REPO, 'configs', '*', '*.py')):
         if '_base_' not in path:
             assert 'custom_hooks' not in open(path).read(), path
     cfg = Config.fromfile(osp.join(REPO, SEG))
-    assert [h['type'] for h in cfg.custom_hooks] == ['effbackbones.ExactResumeHook',
-                                                     'effbackbones.DivergenceGuardHook']
+    assert [h['type'] for h in cfg.custom_hooks] == expected
     plain = Config(dict(custom_hooks=[dict(type='EMAHook'),
                                       dict(type='DivergenceGuardHook', action='skip')]))
     add_reliability_hooks(plain)
