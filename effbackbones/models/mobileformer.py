@@ -114,9 +114,12 @@ class TokenHyperFunc(nn.Module):
         return self.hyper(tokens[:, self.token_id])[:, :, None, None]
 
 
-def dynamic_relu(x, coeffs, scale=2.0):
-    """``max(a1 * x, a2 * x)`` with ``a1 = (c1 - .5) * scale + 1``, ``a2 = (c2 - .5) * scale``."""
+def dynamic_relu(x, coeffs, scale=2.0, slopes=False):
+    """``max(a1 * x, a2 * x)`` with ``a1 = (c1 - .5) * scale + 1``, ``a2 = (c2 - .5) * scale``;
+    ``slopes=True``: ``coeffs`` are ``(a1 | a2)`` already (deploy form)."""
     c1, c2 = coeffs.chunk(2, dim=1)
+    if slopes:
+        return torch.max(x * c1, x * c2)
     a1 = (c1 - 0.5) * scale + 1.0
     a2 = (c2 - 0.5) * scale
     return torch.max(x * a1, x * a2)
@@ -146,16 +149,40 @@ class MobileToFormer(nn.Module):
         self.proj = nn.Linear(channels, token_dim)
         self.layer_norm = nn.LayerNorm(token_dim)
         self.drop_path = drop_path_or_identity(drop_path)
+        #: deploy form: ``q`` (scale folded) and ``alpha`` as one linear (:meth:`switch_to_deploy`)
+        self.merged = False
 
     def forward(self, x, tokens):
         b, c, h, w = x.shape
         m = tokens.shape[1]
-        q = self.q(tokens).reshape(b, m, self.num_heads, -1).transpose(1, 2)   # B,h,M,c
+        if self.merged:
+            q, gate = F.linear(tokens, self.qa_weight, self.qa_bias).split(c, dim=-1)
+            gate = _h_sigmoid(gate)
+        else:
+            q, gate = self.q(tokens), self.alpha(tokens)
+        q = q.reshape(b, m, self.num_heads, -1).transpose(1, 2)                # B,h,M,c
         k = x.reshape(b, self.num_heads, c // self.num_heads, h * w)            # B,h,c,HW
-        attn = ((q @ k) * self.scale).softmax(dim=-1)                          # B,h,M,HW
-        out = (attn @ k.transpose(-1, -2)).transpose(1, 2).reshape(b, m, c)    # B,M,C
-        out = out * (self.alpha(tokens) * self.alpha_scale)
+        attn = q @ k                                                           # B,h,M,HW
+        if self.scale != 1.0:
+            attn = attn * self.scale
+        out = (attn.softmax(dim=-1) @ k.transpose(-1, -2)).transpose(1, 2).reshape(b, m, c)
+        out = out * (gate * self.alpha_scale)
         return self.layer_norm(tokens + self.drop_path(self.proj(out)))
+
+    @torch.no_grad()
+    def switch_to_deploy(self):
+        """``scale`` folded into ``q``; ``q`` and the gate's linear become one ``(2C, D)``
+        linear (one small GEMM instead of two: the runtimes' cost of these token linears is
+        per call, not per FLOP)."""
+        if self.merged:
+            return
+        fold_scale_into_(self.q, torch.full((self.q.out_features,), self.scale))
+        self.scale = 1.0
+        lin = self.alpha[0]
+        self.register_buffer('qa_weight', torch.cat([self.q.weight, lin.weight]),
+                             persistent=False)
+        self.register_buffer('qa_bias', torch.cat([self.q.bias, lin.bias]), persistent=False)
+        self.merged = True
 
 
 class Former(nn.Module):
@@ -210,12 +237,15 @@ class FormerToMobile(nn.Module):
         #: deploy form (:meth:`_attend_map`)
         self.attend_map = False
 
-    def forward(self, x, tokens):
+    def forward(self, x, tokens, kv=None):
+        """``kv``: ``(k(tokens), proj(tokens))`` when the block computed them already (deploy
+        form: one merged linear per block)."""
         b, c, h, w = x.shape
         m = tokens.shape[1]
         hd = c // self.num_heads
-        k = self.k(tokens).transpose(1, 2).reshape(b, self.num_heads, hd, m)      # B,h,c,M
-        v = self.proj(tokens).transpose(1, 2).reshape(b, self.num_heads, hd, m)   # B,h,c,M
+        k, v = (self.k(tokens), self.proj(tokens)) if kv is None else kv
+        k = k.transpose(1, 2).reshape(b, self.num_heads, hd, m)                   # B,h,c,M
+        v = v.transpose(1, 2).reshape(b, self.num_heads, hd, m)                   # B,h,c,M
         if self.attend_map:
             return x + self.drop_path(self._attend_map(x, k, v))
         q = x.reshape(b, self.num_heads, hd, h * w).transpose(-1, -2)             # B,h,HW,c
@@ -237,6 +267,8 @@ class FormerToMobile(nn.Module):
 
     @torch.no_grad()
     def switch_to_deploy(self):
+        if self.attend_map:
+            return
         fold_scale_into_(self.k, torch.full((self.k.out_features,), self.scale))
         self.scale = 1.0
         self.attend_map = True
@@ -284,6 +316,8 @@ class _BridgedBlock(nn.Module):
         Former and the Former->Mobile bridge (drop path on every token / map update)."""
         self.identity = stride == 1 and inp == oup
         self.drop_path = drop_path_or_identity(drop_path)
+        #: deploy form of :meth:`token_outputs`
+        self.merged = False
         self.local_global = MobileToFormer(inp, token_dim, bridge_heads, drop_path)
         self.global_block = Former(token_dim, former_heads, ffn_ratio, drop_path)
         self.global_local = FormerToMobile(oup, token_dim, bridge_heads, drop_path)
@@ -292,11 +326,57 @@ class _BridgedBlock(nn.Module):
         """Mobile->Former bridge, then the Former: the tokens the conv path of this block reads."""
         return self.global_block(self.local_global(x, tokens))
 
+    def token_outputs(self, tokens):
+        """What the updated tokens feed: the two dynamic-ReLU coefficient sets ``(B, 2C, 1, 1)``
+        and the Former->Mobile ``(k(tokens), proj(tokens))`` (None in the eager form: the bridge
+        computes them). Deploy form: two linears for all of it (:meth:`switch_to_deploy`), and
+        the coefficients are the slopes ``(a1 | a2)`` themselves."""
+        hyper_a, hyper_b = (getattr(self, name) for name in self.hyper_names)
+        if not self.merged:
+            return hyper_a(tokens), hyper_b(tokens), None
+        c = self.global_local.k.out_features
+        s = hyper_a.hyper[0].out_features
+        k, v, z = F.linear(tokens, self.tok_weight, self.tok_bias).split([c, c, 2 * s], dim=-1)
+        # the slopes directly: (h_sigmoid(u) - .5) * 2 + [1 | 0] = clamp(u / 3 + 1, 0, 2) - [0 | 1],
+        # the 1/3 and the offsets folded into the weights and bias
+        coeffs = torch.minimum(torch.maximum(
+            F.linear(F.relu(z[:, 0]), self.hyp_weight, self.hyp_bias), self.hyp_lo), self.hyp_hi)
+        ca, cb = coeffs[:, :, None, None].split(self.hyper_split, dim=1)
+        return ca, cb, (k, v)
+
+    @torch.no_grad()
     def switch_to_deploy(self):
+        """Fold the BNs; merge the linears that read the updated tokens: ``global_local.k``
+        (scale folded), ``global_local.proj`` and both hyper functions' first layers into one
+        ``(2C + 2S, D)`` linear, the two second layers into one block-diagonal linear (exact
+        zeros off the blocks). The runtimes pay these tiny GEMMs per call, not per FLOP."""
         for name in ('conv1', 'conv2', 'conv3', 'conv4'):
             seq = getattr(self, name, None)
             if seq is not None:
                 fold_conv_bn_pairs_(seq)
+        if self.merged:
+            return
+        self.global_local.switch_to_deploy()
+        gl = self.global_local
+        ha, hb = (getattr(self, name).hyper for name in self.hyper_names)
+        self.register_buffer('tok_weight', torch.cat(
+            [gl.k.weight, gl.proj.weight, ha[0].weight, hb[0].weight]), persistent=False)
+        self.register_buffer('tok_bias', torch.cat(
+            [gl.k.bias, gl.proj.bias, ha[0].bias, hb[0].bias]), persistent=False)
+        wa, wb = ha[2].weight, hb[2].weight
+        hyp = wa.new_zeros(wa.shape[0] + wb.shape[0], wa.shape[1] + wb.shape[1])
+        hyp[:wa.shape[0], :wa.shape[1]] = wa
+        hyp[wa.shape[0]:, wa.shape[1]:] = wb
+        bias = torch.cat([ha[2].bias, hb[2].bias]) / 3.0 + 1.0
+        # second half of each set (a2) is shifted down by 1: clamp to [-1, 1]
+        shift = torch.cat([torch.arange(n) >= n // 2 for n in (wa.shape[0], wb.shape[0])])
+        shift = shift.to(bias)
+        self.register_buffer('hyp_weight', hyp / 3.0, persistent=False)
+        self.register_buffer('hyp_bias', bias - shift, persistent=False)
+        self.register_buffer('hyp_lo', -shift, persistent=False)
+        self.register_buffer('hyp_hi', 2.0 - shift, persistent=False)
+        self.hyper_split = (wa.shape[0], wb.shape[0])
+        self.merged = True
 
 
 class InvertedBottleneckBlock(_BridgedBlock):
@@ -306,6 +386,8 @@ class InvertedBottleneckBlock(_BridgedBlock):
     (groups) - BN - [shuffle]; residual (drop path) when the shape is kept, then the
     Former->Mobile bridge.
     """
+    #: the two hyper functions (token -> dynamic-ReLU coefficients), in conv order
+    hyper_names = ('hyper1', 'hyper2')
 
     def __init__(self, inp, oup, stride, e1, token_dim, groups=1, bridge_heads=2,
                  former_heads=4, ffn_ratio=2, hyper_reduction=4, drop_path=0.0):
@@ -322,12 +404,13 @@ class InvertedBottleneckBlock(_BridgedBlock):
 
     def forward(self, x, tokens):
         tokens = self.update_tokens(x, tokens)
-        out = dynamic_relu(self.conv1(x), self.hyper1(tokens))
-        out = dynamic_relu(self.conv2(out), self.hyper2(tokens))
+        coeffs1, coeffs2, kv = self.token_outputs(tokens)
+        out = dynamic_relu(self.conv1(x), coeffs1, slopes=self.merged)
+        out = dynamic_relu(self.conv2(out), coeffs2, slopes=self.merged)
         out = self.conv3(out)
         if self.identity:
             out = self.drop_path(out) + x
-        return self.global_local(out, tokens), tokens
+        return self.global_local(out, tokens, kv), tokens
 
 
 class DoubleDepthwiseBlock(_BridgedBlock):
@@ -338,6 +421,8 @@ class DoubleDepthwiseBlock(_BridgedBlock):
     - BN (drop path on the branch), then the Former->Mobile bridge; outer residual when stride 1
     and the width is kept.
     """
+    #: the two hyper functions (token -> dynamic-ReLU coefficients), in conv order
+    hyper_names = ('hyper1', 'hyper3')
 
     def __init__(self, inp, oup, stride, e1, e2, token_dim, groups=1, bridge_heads=2,
                  former_heads=4, ffn_ratio=2, hyper_reduction=4, drop_path=0.0):
@@ -356,11 +441,12 @@ class DoubleDepthwiseBlock(_BridgedBlock):
 
     def forward(self, x, tokens):
         tokens = self.update_tokens(x, tokens)
-        out = dynamic_relu(self.conv1(x), self.hyper1(tokens))
+        coeffs1, coeffs3, kv = self.token_outputs(tokens)
+        out = dynamic_relu(self.conv1(x), coeffs1, slopes=self.merged)
         inner = self.conv2(out)
-        out = dynamic_relu(self.conv3(inner), self.hyper3(tokens))
+        out = dynamic_relu(self.conv3(inner), coeffs3, slopes=self.merged)
         out = self.drop_path(self.conv4(out)) + inner
-        out = self.global_local(out, tokens)
+        out = self.global_local(out, tokens, kv)
         if self.identity:
             out = out + x
         return out, tokens
