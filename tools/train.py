@@ -75,7 +75,6 @@ def main(argv=None):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    from effbackbones.checkpoint import CheckpointError
     from effbackbones.engine import TrainingDiverged
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     try:
@@ -83,8 +82,6 @@ def main(argv=None):
     except TrainingDiverged as exc:
         print(f'ERROR: {exc}', file=sys.stderr)
         sys.exit(3)
-    except CheckpointError as exc:
-        raise SystemExit(f'ERROR: {exc}')
 
 
 RELIABILITY_HOOKS = ('ExactResumeHook', 'DivergenceGuardHook')

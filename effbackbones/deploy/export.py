@@ -118,14 +118,15 @@ def build_backbone(model, arch, checkpoint=None, out_indices=None, **kwargs):
 
 
 def build_from_config(config, checkpoint, cfg_options=None):
-    """The mmdet / mmseg model of ``config`` with every tensor of ``checkpoint`` (a
-    tools/train.py checkpoint) loaded strictly, in eval mode."""
+    """The mmdet / mmseg model of ``config`` with every tensor of ``checkpoint`` loaded strictly
+    (a tools/train.py checkpoint, or an official released dense file: both go through
+    :func:`~effbackbones.checkpoint.convert_model_checkpoint`, as ``tools/test.py`` does), in
+    eval mode."""
     from mmengine.config import Config
-    from mmengine.registry import DefaultScope
-    from mmengine.registry import MODELS as ROOT
 
-    from effbackbones.checkpoint import load_checkpoint_file, unwrap_state_dict
-    from effbackbones.utils.launch import detect_toolbox, register_toolbox
+    from effbackbones.checkpoint import (CheckpointError, convert_model_checkpoint,
+                                         load_checkpoint_file)
+    from effbackbones.utils.launch import build_model
     if not osp.isfile(config):
         raise ExportError(f'config not found: {config}')
     if not osp.isfile(checkpoint):
@@ -133,18 +134,13 @@ def build_from_config(config, checkpoint, cfg_options=None):
     cfg = Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-    register_toolbox(detect_toolbox(cfg))
-    cfg.model.backbone.init_cfg = None       # the trained checkpoint holds the backbone too
-    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-        model = ROOT.build(cfg.model)
-    state, _ = unwrap_state_dict(load_checkpoint_file(checkpoint))
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ExportError(
-            f'{checkpoint} does not fit {config}: {len(result.missing_keys)} tensors missing '
-            f'{result.missing_keys[:6]}, {len(result.unexpected_keys)} unexpected '
-            f'{result.unexpected_keys[:6]} (a tools/train.py checkpoint of this config is '
-            f'expected)')
+    model = build_model(cfg)
+    try:
+        converted, _ = convert_model_checkpoint(model, load_checkpoint_file(checkpoint),
+                                                name=checkpoint)
+    except CheckpointError as exc:
+        raise ExportError(f'{checkpoint} does not fit {config}:\n{exc}') from None
+    model.load_state_dict(converted['state_dict'])
     return model.eval(), cfg
 
 
@@ -396,8 +392,8 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
             its weights loaded.
         shape: ``(H, W)`` of the exported input.
         deploy: call ``switch_to_deploy()`` on the backbone first (skipped if already done).
-        check: run :func:`check_onnx_parity`; when off, the file is renamed
-            ``*.parity-failed.onnx`` and :class:`ParityError` raised.
+        check: run :func:`check_onnx_parity`; when it fails, the file is moved to
+            ``*.parity-failed.onnx`` and :class:`ParityError` is raised.
 
     Returns the parity reports (empty when ``check`` is False).
     """

@@ -79,7 +79,10 @@ def _candidates(work_dir):
 def _remove_partial_writes(work_dir):
     for name in os.listdir(work_dir):
         if _TEMP_NAME.match(name):
-            os.remove(osp.join(work_dir, name))
+            try:
+                os.remove(osp.join(work_dir, name))
+            except FileNotFoundError:   # another rank of a shared work dir removed it first
+                continue
             print_log(f'removed {name}: the partial write of a checkpoint interrupted by the '
                       f'end of the previous run', logger='current', level=30)
 
