@@ -185,3 +185,22 @@ def test_get_flops_reports_params_and_flops():
     proc = run([PY, 'tools/get_flops.py', '--config', 'configs/maskrcnn_swiftformer_xs.py',
                 '--shape', '256', '320'], timeout=300)
     assert 'backbone + neck' in proc.stdout
+
+
+def test_benchmark_table_rows_and_output_agreement(tmp_path):
+    """The benchmark's table (no timing is asserted): one row per runtime, the counts of
+    timed calls, every runtime's outputs equal to eager's, a failing runtime reported in its
+    row instead of stopping the run."""
+    out = tmp_path / 'bench.md'
+    proc = run([PY, 'tools/benchmark.py', '--model', 'MobileFormer', '--arch', '52m',
+                '--shape', '64', '96', '--threads', '1', '--repeats', '3', '--burst', '2',
+                '--warmup', '1', '--pause-ms', '0', '--no-alternatives', '--runtimes',
+                'eager', 'deploy', 'onnxruntime', 'openvino', '--out', str(out)], timeout=300)
+    table = out.read_text()
+    assert 'median of 3 (p90), interleaved in bursts of 2 back-to-back calls' in table
+    rows = {r[2]: r for r in (line.split(' | ') for line in table.splitlines()
+                              if line.startswith('| MobileFormer |'))}
+    assert sorted(rows) == ['deploy', 'eager', 'onnxruntime', 'openvino'], proc.stdout
+    for name, row in rows.items():
+        assert float(row[3]) > 0 and row[5].endswith('x'), row
+        assert float(row[7].rstrip(' |')) < 2e-5, (name, row)     # max rel diff to eager

@@ -11,7 +11,10 @@ and the deploy model exported to ONNX and run in onnxruntime and OpenVINO.
 For every variant: one model with random weights (BN statistics randomised so folding is not
 trivial), then copies: eager, deploy, plus family-specific alternatives (e.g. LeViT ``attn_impl``)
 when the class declares them in ``benchmark_variants`` (skip with ``--no-alternatives``), then
-the runtimes. Runs are interleaved round-robin so drifting clocks hit all alike; reported: median
+the runtimes. Runs are interleaved round-robin so drifting clocks hit all alike: in each round
+every variant gets a turn after ``--pause-ms`` idle, one untimed call and ``--burst`` timed calls
+back to back (steady-state latency, as a runtime serving a stream of images runs; ``--burst 1``
+times only calls that follow the idle pause, which is slower for every runtime); reported: median
 and p90 of per-call wall time (the runtimes' numpy conversions included), the speed-up over
 eager, the max abs difference of the outputs to eager relative to max|eager|, and the share of
 the machine's float32 peak: ``2 * MACs / latency`` over the rate of a large float32 matrix
@@ -44,7 +47,12 @@ def parse_args(argv=None):
     p.add_argument('--arch', help='variant (with --model); default: all of the model')
     p.add_argument('--shape', type=int, nargs=2, default=[224, 224], metavar=('H', 'W'))
     p.add_argument('--batch', type=int, default=1)
-    p.add_argument('--repeats', type=int, default=20)
+    p.add_argument('--repeats', type=int, default=20,
+                   help='timed calls per runtime (in bursts of --burst)')
+    p.add_argument('--burst', type=int, default=5,
+                   help='back-to-back timed calls per runtime and round (after one untimed '
+                        'call): steady-state latency, as a runtime serving a stream runs; 1 = '
+                        'every timed call after --pause-ms idle')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--device', default='cpu')
     p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
@@ -55,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument('--no-alternatives', action='store_true',
                    help="skip the family's alternative implementations (benchmark_variants)")
     p.add_argument('--pause-ms', type=float, default=200,
-                   help='idle time before each timed call (lets spinning runtime threads stop)')
+                   help="idle time before each runtime's turn (lets the previous runtime's "
+                        'spinning worker threads stop)')
     p.add_argument('--out', help='append the markdown table to this file')
     return p.parse_args(argv)
 
@@ -112,8 +121,10 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
                 variants.append((rt, None, error))
                 continue
             try:
-                # no spinning: idle onnxruntime threads would eat the next variant's cores
-                variants.append((rt, RuntimeSession(path, rt, threads=threads, spin=False),
+                # onnxruntime's default spinning, as deployed: the pause before each turn
+                # lets its threads stop before the next variant runs (measured: eager times
+                # the same after an onnxruntime burst as after idling)
+                variants.append((rt, RuntimeSession(path, rt, threads=threads),
                                  None))
             except Exception as exc:     # noqa: BLE001
                 variants.append((rt, None, _short(exc)))
@@ -130,8 +141,10 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2):
-    """Warm every variant up (failures recorded), then time them interleaved."""
+def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=1):
+    """Warm every variant up (failures recorded), then time them interleaved: rounds in
+    which each variant, after ``pause`` idle, makes ``burst`` timed calls back to back (with
+    ``burst > 1`` one untimed call first, so a burst times the steady state)."""
     times, diffs, errors = {}, {}, {}
     ref = None
     runnable = []
@@ -155,16 +168,19 @@ def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2):
             diffs[n] = (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
             times[n] = []
             runnable.append((n, m))
-        for _ in range(repeats):
+        while any(len(t) < repeats for t in times.values()):
             for n, m in runnable:
                 # a pause first: the previous runtime's worker threads spin a while after a
                 # run, and would take the cores of the variant timed next
                 time.sleep(pause)
-                _sync(device)
-                t = time.perf_counter()
-                m(x)
-                _sync(device)
-                times[n].append(time.perf_counter() - t)
+                if burst > 1:
+                    m(x)
+                for _ in range(min(burst, repeats - len(times[n]))):
+                    _sync(device)
+                    t = time.perf_counter()
+                    m(x)
+                    _sync(device)
+                    times[n].append(time.perf_counter() - t)
     return times, diffs, errors
 
 
@@ -223,7 +239,8 @@ def main(argv=None):
             except ImportError:
                 versions.append(f'{mod} not installed')
     header = (f'backbone latency, input {args.batch}x3x{h}x{w}, {args.dtype}, {args.device} '
-              f'({machine}), {", ".join(versions)}, median of {args.repeats} (p90), interleaved; '
+              f'({machine}), {", ".join(versions)}, median of {args.repeats} (p90), interleaved'
+              f'{f" in bursts of {args.burst} back-to-back calls" if args.burst > 1 else ""}; '
               f'{args.dtype} GEMM rate {peak / 1e9:.0f} GFLOP/s; load average at start '
               f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
     lines = [header, '', '| model | arch | runtime | median ms | p90 ms | vs eager | '
@@ -236,7 +253,8 @@ def main(argv=None):
                                       args.threads, tmpdir)
             macs = model_macs(variants[0][1], x)
             times, diffs, errors = time_variants(variants, x, args.repeats, args.warmup,
-                                                 args.device, dtype, args.pause_ms / 1e3)
+                                                 args.device, dtype, args.pause_ms / 1e3,
+                                                 args.burst)
             # the best GEMM rate seen (before and after each model): on a shared machine one
             # measurement can land in a busy moment
             peak = max(peak, gemm_rate(args.device, dtype))
