@@ -125,55 +125,6 @@ def dynamic_relu(x, coeffs, scale=2.0, slopes=False):
     return torch.max(x * a1, x * a2)
 
 
-class SplitDepthwise(nn.Module):
-    """Deploy form of a depthwise conv with a channel multiplier (``C -> e*C``, ``groups=C``,
-    BN folded): ``e`` plain depthwise convs on the same input, concatenated.
-
-    Output channel ``k * C + c`` is the original ``c * e + k`` (:attr:`order`); the 1x1 conv
-    that reads the result takes its input channels in that order (:func:`split_multiplier_`).
-    Why: onnxruntime and OpenVINO run a multiplier conv with a generic grouped kernel, a plain
-    depthwise conv with their depthwise kernel (measured in docs/deploy.md).
-    """
-
-    def __init__(self, conv):
-        super().__init__()
-        c, ce = conv.in_channels, conv.out_channels
-        self.channels, self.multiplier = c, ce // c
-        self.stride, self.padding = conv.stride, conv.padding
-        k = conv.kernel_size
-        # (e, C, 1, kh, kw): slice k holds the original output channels c * e + k
-        self.weight = nn.Parameter(
-            conv.weight.detach().reshape(c, self.multiplier, 1, *k).transpose(0, 1).contiguous())
-        bias = conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(ce)
-        self.bias = nn.Parameter(bias.reshape(c, self.multiplier).t().contiguous())
-        self.register_buffer('order', torch.arange(ce).reshape(c, self.multiplier).t().reshape(-1),
-                             persistent=False)
-
-    def forward(self, x):
-        return torch.cat([F.conv2d(x, self.weight[k], self.bias[k], self.stride, self.padding,
-                                   groups=self.channels) for k in range(self.multiplier)], 1)
-
-    def extra_repr(self):
-        return f'{self.channels}, multiplier={self.multiplier}, stride={self.stride}'
-
-
-@torch.no_grad()
-def split_multiplier_(seq, consumer):
-    """Deploy: make ``seq[0]`` (a depthwise conv with a channel multiplier, BN folded) a
-    :class:`SplitDepthwise` and reorder the input channels of ``consumer`` (the 1x1 conv that
-    reads it, through element-wise ops only) to match. Returns the new channel order, or None
-    when nothing is split: no multiplier, already split, or a channel shuffle / grouped 1x1
-    conv in between (26M), whose channel mixing the reorder would have to follow."""
-    conv = seq[0]
-    if (not isinstance(conv, nn.Conv2d) or conv.groups != conv.in_channels
-            or conv.out_channels == conv.in_channels or consumer.groups != 1
-            or any(isinstance(m, ChannelShuffle) for m in seq)):
-        return None
-    seq[0] = SplitDepthwise(conv)
-    consumer.weight.data = consumer.weight[:, seq[0].order].contiguous()
-    return seq[0].order
-
-
 # --------------------------------------------------------------------------------------------
 # bridges and the Former
 # --------------------------------------------------------------------------------------------
@@ -354,7 +305,6 @@ class ConvOnlyBlock(nn.Module):
 
     def switch_to_deploy(self):
         fold_conv_bn_pairs_(self.conv)
-        split_multiplier_(self.conv, self.conv[4])
 
 
 class _BridgedBlock(nn.Module):
@@ -488,23 +438,6 @@ class DoubleDepthwiseBlock(_BridgedBlock):
         self.conv4 = conv_bn(hidden2, oup, 1, 1, groups)
         self._build_residual_and_bridges(inp, oup, stride, token_dim, bridge_heads,
                                          former_heads, ffn_ratio, drop_path)
-
-    @torch.no_grad()
-    def switch_to_deploy(self):
-        """The shared deploy form, then both multiplier dw convs split
-        (:func:`split_multiplier_`) with the dynamic-ReLU slopes of their channels reordered."""
-        super().switch_to_deploy()
-        offset = 0
-        for seq, consumer, n in ((self.conv1, self.conv2[0], self.hyper_split[0]),
-                                 (self.conv3, self.conv4[0], self.hyper_split[1])):
-            order = split_multiplier_(seq, consumer)
-            if order is not None:
-                # rows of these slopes: (a1 | a2), one per channel of the dw conv's output
-                rows = torch.arange(len(self.hyp_bias))
-                rows[offset:offset + n] = torch.cat([order, order + n // 2]) + offset
-                for name in ('hyp_weight', 'hyp_bias', 'hyp_lo', 'hyp_hi'):
-                    setattr(self, name, getattr(self, name)[rows].contiguous())
-            offset += n
 
     def forward(self, x, tokens):
         tokens = self.update_tokens(x, tokens)
