@@ -247,23 +247,27 @@ class FormerToMobile(nn.Module):
         k = k.transpose(1, 2).reshape(b, self.num_heads, hd, m)                   # B,h,c,M
         v = v.transpose(1, 2).reshape(b, self.num_heads, hd, m)                   # B,h,c,M
         if self.attend_map:
-            return x + self.drop_path(self._attend_map(x, k, v))
+            return self._attend_map(x, k, v)
         q = x.reshape(b, self.num_heads, hd, h * w).transpose(-1, -2)             # B,h,HW,c
         attn = ((q @ k) * self.scale).softmax(dim=-1)                            # B,h,HW,M
         out = (attn @ v.transpose(-1, -2)).transpose(-1, -2).reshape(b, c, h, w)
         return x + self.drop_path(out)
 
     def _attend_map(self, x, k, v):
-        """The same attention with the map kept channels-first: logits as ``(B, h, M, HW)``,
-        softmax over the tokens (dim 2), ``v @ attn`` is already ``(B, h, c, HW)`` -- no
-        transpose of the full map on either side. The deployed form (``scale`` folded into
-        ``k``)."""
+        """The same attention and residual with the map kept channels-first: logits as
+        ``(B, h, M, HW)``, softmax over the tokens (dim 2), ``v @ attn`` is already
+        ``(B, h, c, HW)`` -- no transpose of the full map on either side. The deployed form
+        (``scale`` folded into ``k``). The residual is added to the ``(B, C, HW)`` matrix, not
+        the map: a runtime then leaves the block's output in the plain layout the next
+        block's Mobile->Former bridge reads (OpenVINO: one layout reorder less per block,
+        docs/deploy.md)."""
         b, c, h, w = x.shape
         q = x.reshape(b, self.num_heads, c // self.num_heads, h * w)               # B,h,c,HW
         logits = k.transpose(-1, -2) @ q                                          # B,h,M,HW
         if self.scale != 1.0:
             logits = logits * self.scale
-        return (v @ logits.softmax(dim=2)).reshape(b, c, h, w)
+        out = (v @ logits.softmax(dim=2)).reshape(b, c, h * w)
+        return (x.reshape(b, c, h * w) + self.drop_path(out)).reshape(b, c, h, w)
 
     @torch.no_grad()
     def switch_to_deploy(self):
