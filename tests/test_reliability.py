@@ -412,3 +412,17 @@ def test_hooks_on_by_default_in_configs_and_train_tool():
     assert plain.custom_hooks == [dict(type='EMAHook'),
                                   dict(type='DivergenceGuardHook', action='skip'),
                                   dict(type='effbackbones.ExactResumeHook')]
+
+
+def test_ensure_custom_hook_adds_once_and_keeps_other_entries():
+    from mmengine.config import Config
+    from effbackbones.engine import DeployHook, StrictLoadHook
+    from effbackbones.utils.launch import add_strict_load_hook, ensure_custom_hook
+    built = DeployHook()        # a built hook object, not a config dict
+    cfg = Config(dict(custom_hooks=[built, dict(type=StrictLoadHook, priority='LOW')]))
+    ensure_custom_hook(cfg, 'DeployHook')
+    add_strict_load_hook(cfg, strict=False)
+    ensure_custom_hook(cfg, 'ExactResumeHook')
+    ensure_custom_hook(cfg, 'ExactResumeHook')
+    assert cfg.custom_hooks == [built, dict(type=StrictLoadHook, priority='LOW', strict=False),
+                                dict(type='effbackbones.ExactResumeHook')]
