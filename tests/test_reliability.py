@@ -340,6 +340,22 @@ def test_bad_checkpoints_are_named(loader, tmp_path):
             assert 'corrupt checkpoint' in str(info.value), (name, str(info.value))
 
 
+def test_foreign_objects_load_only_when_trusted(tmp_path, monkeypatch):
+    """One loader, two ways to opt in: mmengine's (``load_from`` / ``--resume``) names
+    ``EFFB_TRUST_CHECKPOINTS``, ``load_checkpoint_file`` its ``allow_unsafe`` argument."""
+    from effbackbones.checkpoint import CheckpointError, load_checkpoint_file
+    _bad_files(tmp_path)
+    path = tmp_path / 'foreign.pth'
+    monkeypatch.delenv('EFFB_TRUST_CHECKPOINTS', raising=False)
+    with pytest.raises(CheckpointError, match=r'EFFB_TRUST_CHECKPOINTS=1.*Refused: .*ForeignObj'):
+        _mmengine_load(path)
+    with pytest.raises(CheckpointError, match=r'allow_unsafe=True.*Refused: .*ForeignObject'):
+        load_checkpoint_file(path)
+    assert isinstance(load_checkpoint_file(path, allow_unsafe=True)['extra'], ForeignObject)
+    monkeypatch.setenv('EFFB_TRUST_CHECKPOINTS', '1')
+    assert isinstance(_mmengine_load(path)['extra'], ForeignObject)
+
+
 # -- atomic writes and the resume fallback ------------------------------------------------------
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     import effbackbones  # noqa: F401  (installs the atomic write)
