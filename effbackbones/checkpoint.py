@@ -135,36 +135,50 @@ def check_finite(obj, source):
             f'an earlier checkpoint.')
 
 
-def load_checkpoint_file(path, map_location='cpu', allow_unsafe=False, check_nonfinite=True):
+#: How to load a file with objects outside the allow-list, said by :func:`load_checkpoint_file`.
+_PRETRAINED_UNSAFE_HINT = (
+    "pass allow_unsafe=True (init_cfg=dict(type='Pretrained', checkpoint=..., "
+    "allow_unsafe=True)), or re-save it with tools/convert_checkpoint.py")
+
+
+def _refused_globals(exc):
+    """The pickled globals a weights-only load refused (torch's message is a page long)."""
+    names = re.findall(r'Unsupported global: GLOBAL (\S+)', str(exc))
+    return ', '.join(dict.fromkeys(names)) or str(exc).splitlines()[0]
+
+
+def load_checkpoint_file(path, map_location='cpu', allow_unsafe=False, check_nonfinite=True,
+                         unsafe_hint=_PRETRAINED_UNSAFE_HINT):
     """Read a checkpoint file with ``torch.load(weights_only=True)``.
 
-    Only tensors, containers, primitive types and :data:`SAFE_CHECKPOINT_GLOBALS` are accepted.
-    A file that needs anything else (arbitrary pickled objects can run code) raises
-    :class:`CheckpointError` unless ``allow_unsafe=True`` is given for a file you trust. So do a
-    file that is empty, truncated or not a PyTorch checkpoint, and (``check_nonfinite``) one
-    whose tensors hold NaN or Inf.
+    Only tensors, containers, primitive types and :data:`SAFE_CHECKPOINT_GLOBALS` (plus what
+    :mod:`effbackbones.compat` allow-lists) are accepted. A file that needs anything else
+    (arbitrary pickled objects can run code) raises :class:`CheckpointError`, which tells how to
+    load it if it is trusted (``unsafe_hint``), unless ``allow_unsafe=True`` is given for a
+    file you trust: such a file is then loaded with ``weights_only=False`` (logged as a
+    warning). So do a file that is empty, truncated or not a PyTorch checkpoint, and
+    (``check_nonfinite``) one whose tensors hold NaN or Inf. The mmengine loader of local files
+    (``load_from``, ``--resume``) is this function too (:mod:`effbackbones.compat`).
     """
     path = _resolve_path(path)
     try:
-        if allow_unsafe:
-            print_log(f'loading {path} with weights_only=False (allow_unsafe=True): only do '
-                      f'this for files you trust', logger='current', level=30)
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        else:
-            with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001  (torch raises many types for damaged files)
-        if holds_foreign_objects(path, exc):
+        if not holds_foreign_objects(path, exc):
+            if isinstance(exc, UNREADABLE_ERRORS):
+                raise CheckpointError(f'corrupt checkpoint {path}: '
+                                      f'{diagnose_unreadable(path, exc)}.') from None
+            raise
+        if not allow_unsafe:
             raise CheckpointError(
                 f'{path} holds objects outside the weights-only allow-list, so it was not '
                 f'loaded (unpickling arbitrary objects can execute code). If you trust the file, '
-                f"pass allow_unsafe=True (init_cfg=dict(type='Pretrained', checkpoint=..., "
-                f'allow_unsafe=True)), or re-save it with tools/convert_checkpoint.py. '
-                f'Details: {str(exc).splitlines()[0]}') from None
-        if isinstance(exc, UNREADABLE_ERRORS):
-            raise CheckpointError(f'corrupt checkpoint {path}: {diagnose_unreadable(path, exc)}.'
-                                  ) from None
-        raise
+                f'{unsafe_hint}. Refused: {_refused_globals(exc)}') from None
+        print_log(f'loading {path} with weights_only=False (it holds objects outside the '
+                  f'allow-list: {_refused_globals(exc)}): only do this for files you trust',
+                  logger='current', level=30)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
     if check_nonfinite:
         check_finite(ckpt, path)
     return ckpt
@@ -397,11 +411,18 @@ def reject_dense_tables(state_dict, model):
 # ------------------------------------------------------------------------------------------
 # whole models (detector / segmentor checkpoints)
 # ------------------------------------------------------------------------------------------
+def is_effbackbones_backbone(module):
+    """True for an effbackbones backbone (a family built on ``models.base.BaseDenseBackbone``:
+    an architecture table and a layout converter). Told by those attributes because the models
+    import this module."""
+    return hasattr(module, 'checkpoint_filter_fn') and hasattr(module, 'arch_settings')
+
+
 def effbackbones_modules(model):
     """``[(prefix, module)]`` of every effbackbones backbone inside ``model`` (e.g.
-    ``('backbone.', EfficientFormer)`` in a Mask R-CNN)."""
+    ``('backbone.', EfficientFormer)`` in a Mask R-CNN; ``('', model)`` for a bare backbone)."""
     return [(name + '.' if name else '', m) for name, m in model.named_modules()
-            if hasattr(m, 'checkpoint_filter_fn') and hasattr(m, 'arch_settings')]
+            if is_effbackbones_backbone(m)]
 
 
 def dataset_meta_from(meta):
@@ -524,8 +545,8 @@ def convert_model_checkpoint(model, checkpoint, strict=True, name=None, logger='
     return new, report
 
 
-__all__ = ['CheckpointError', 'SAFE_CHECKPOINT_GLOBALS', 'UNREADABLE_ERRORS', 'load_checkpoint_file',
-           'check_finite', 'nonfinite_tensors', 'diagnose_unreadable', 'holds_foreign_objects',
-           'unwrap_state_dict', 'strip_prefix', 'load_pretrained', 'LayoutDict', 'rename_keys',
-           'reject_dense_tables', 'effbackbones_modules', 'dataset_meta_from',
-           'convert_model_checkpoint']
+__all__ = ['CheckpointError', 'SAFE_CHECKPOINT_GLOBALS', 'UNREADABLE_ERRORS',
+           'load_checkpoint_file', 'check_finite', 'nonfinite_tensors', 'diagnose_unreadable',
+           'holds_foreign_objects', 'unwrap_state_dict', 'strip_prefix', 'load_pretrained',
+           'LayoutDict', 'rename_keys', 'reject_dense_tables', 'is_effbackbones_backbone',
+           'effbackbones_modules', 'dataset_meta_from', 'convert_model_checkpoint']

@@ -23,7 +23,6 @@ fsync, rename); and auto-resume passes over a damaged latest checkpoint to the p
 import argparse
 import collections
 import os
-import pickle
 
 import numpy as np
 import torch
@@ -70,36 +69,24 @@ def _patch_history_buffer():
 
 
 def _patch_local_loader():
+    """mmengine's local loader (``load_from``, ``--resume``) becomes
+    :func:`~effbackbones.checkpoint.load_checkpoint_file`; ``EFFB_TRUST_CHECKPOINTS=1`` is its
+    ``allow_unsafe`` (mmengine passes no such argument)."""
     try:
         from mmengine.runner.checkpoint import CheckpointLoader
     except Exception:  # pragma: no cover
         return
-    from .checkpoint import (UNREADABLE_ERRORS, CheckpointError, check_finite,
-                             diagnose_unreadable, holds_foreign_objects)
+    from .checkpoint import load_checkpoint_file
 
     def load_from_local(filename, map_location):
         filename = os.path.expanduser(filename)
         if not os.path.isfile(filename):
-            raise FileNotFoundError(f'{filename} can not be found.')
-        try:
-            ckpt = torch.load(filename, map_location=map_location, weights_only=True)
-        except Exception as exc:  # noqa: BLE001  (torch raises many types for damaged files)
-            if holds_foreign_objects(filename, exc):
-                if os.environ.get('EFFB_TRUST_CHECKPOINTS') != '1':
-                    raise pickle.UnpicklingError(
-                        f'{filename} holds objects outside the weights-only allow-list (e.g. a '
-                        f'checkpoint written by mmengine without effbackbones imported, which '
-                        f'pickles bound methods). If you trust the file, set '
-                        f'EFFB_TRUST_CHECKPOINTS=1 to load it with weights_only=False. '
-                        f'Details: {str(exc).splitlines()[-3:]}') from None
-                ckpt = torch.load(filename, map_location=map_location, weights_only=False)
-            elif isinstance(exc, UNREADABLE_ERRORS):
-                raise CheckpointError(f'corrupt checkpoint {filename}: '
-                                      f'{diagnose_unreadable(filename, exc)}.') from None
-            else:
-                raise
-        check_finite(ckpt, filename)
-        return ckpt
+            raise FileNotFoundError(f'{filename} can not be found.')   # mmengine's message
+        return load_checkpoint_file(
+            filename, map_location, allow_unsafe=os.environ.get('EFFB_TRUST_CHECKPOINTS') == '1',
+            unsafe_hint='set EFFB_TRUST_CHECKPOINTS=1 to load it with weights_only=False (e.g. '
+                        'a checkpoint written by mmengine without effbackbones imported, which '
+                        'pickles bound methods)')
 
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
 

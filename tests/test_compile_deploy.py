@@ -191,6 +191,66 @@ def test_pinned_bias_is_ignored_when_the_table_needs_gradients():
     assert attn.attention_biases_seg.grad.abs().sum() > 0
 
 
+# v1 / V2 pin biases (official and pretrained mode), LeViT sdpa biases, LeViT chunked tables
+PIN_CASES = [('EfficientFormer', 'l1', dict(bias_mode='pretrained')),
+             ('EfficientFormerV2', 's0', {}), ('LeViT', '128s', dict(attn_impl='sdpa')),
+             ('LeViT', '128s', {})]
+
+
+def _unpinned_copy(model):
+    fresh = copy.deepcopy(model)
+    for m in fresh.attention_bias_modules():
+        m.drop_pinned_bias()
+    return fresh
+
+
+@pytest.mark.parametrize('family,arch,kw', PIN_CASES)
+def test_pinned_bias_follows_in_place_table_edits(family, arch, kw):
+    """A table edited in place after pinning (an optimiser step, a manual edit) is what the
+    output uses, also when the model is converted to another dtype afterwards."""
+    model = _model(family, arch, **kw)
+    x = torch.randn(1, 3, 64, 64)
+    model.pin_attention_biases((64, 64))
+    attns = [m for m in model.attention_bias_modules() if m.pinned_bias is not None]
+    assert attns       # (LeViT's attentions after the last out_indices do not run: no pin)
+    with torch.no_grad():
+        pinned = model(x)
+        for m in attns:
+            m.bias_table().mul_(-3.0).add_(1.0)
+        edited = model(x)
+        _assert_close(edited, _unpinned_copy(model)(x))
+        assert not torch.allclose(edited[-1], pinned[-1])
+        assert all(m.pinned_bias is not None for m in attns)     # pinned again, not dropped
+        for m in attns:
+            m.bias_table().add_(2.0)
+        model.double()                      # a stale pin stays stale through the conversion
+        _assert_close(model(x.double()), _unpinned_copy(model)(x.double()))
+
+
+@pytest.mark.parametrize('family,arch,kw', PIN_CASES)
+def test_pinned_bias_is_converted_not_recomputed_for_another_dtype(family, arch, kw,
+                                                                   monkeypatch):
+    model = _model(family, arch, **kw)
+    x = torch.randn(1, 3, 64, 64)
+    model.pin_attention_biases((64, 64))
+    with torch.no_grad():
+        ref = model(x)
+    from effbackbones.models import attention_bias
+    computed = []      # what computes a bias or an offset table from the table
+    compute_bias, table_for_grid = RelPosBiasAttention._compute_bias, attention_bias.table_for_grid
+    monkeypatch.setattr(RelPosBiasAttention, '_compute_bias',
+                        lambda self, *a: computed.append(a) or compute_bias(self, *a))
+    monkeypatch.setattr(attention_bias, 'table_for_grid',
+                        lambda *a: computed.append(a) or table_for_grid(*a))
+    model.double()
+    assert all(m.pinned_bias.dtype == torch.float64 for m in model.attention_bias_modules()
+               if m.pinned_bias is not None)
+    with torch.no_grad():
+        outs = model(x.double())
+    assert not computed
+    _assert_close(outs, ref)
+
+
 @pytest.mark.parametrize('bad', [(64,), (64, 0), (64.0, 64), 'big'])
 def test_pin_input_size_is_checked(bad):
     with pytest.raises(ValueError, match='input_size'):

@@ -340,6 +340,22 @@ def test_bad_checkpoints_are_named(loader, tmp_path):
             assert 'corrupt checkpoint' in str(info.value), (name, str(info.value))
 
 
+def test_foreign_objects_load_only_when_trusted(tmp_path, monkeypatch):
+    """One loader, two ways to opt in: mmengine's (``load_from`` / ``--resume``) names
+    ``EFFB_TRUST_CHECKPOINTS``, ``load_checkpoint_file`` its ``allow_unsafe`` argument."""
+    from effbackbones.checkpoint import CheckpointError, load_checkpoint_file
+    _bad_files(tmp_path)
+    path = tmp_path / 'foreign.pth'
+    monkeypatch.delenv('EFFB_TRUST_CHECKPOINTS', raising=False)
+    with pytest.raises(CheckpointError, match=r'EFFB_TRUST_CHECKPOINTS=1.*Refused: .*ForeignObj'):
+        _mmengine_load(path)
+    with pytest.raises(CheckpointError, match=r'allow_unsafe=True.*Refused: .*ForeignObject'):
+        load_checkpoint_file(path)
+    assert isinstance(load_checkpoint_file(path, allow_unsafe=True)['extra'], ForeignObject)
+    monkeypatch.setenv('EFFB_TRUST_CHECKPOINTS', '1')
+    assert isinstance(_mmengine_load(path)['extra'], ForeignObject)
+
+
 # -- atomic writes and the resume fallback ------------------------------------------------------
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     import effbackbones  # noqa: F401  (installs the atomic write)
@@ -412,3 +428,17 @@ def test_hooks_on_by_default_in_configs_and_train_tool():
     assert plain.custom_hooks == [dict(type='EMAHook'),
                                   dict(type='DivergenceGuardHook', action='skip'),
                                   dict(type='effbackbones.ExactResumeHook')]
+
+
+def test_ensure_custom_hook_adds_once_and_keeps_other_entries():
+    from mmengine.config import Config
+    from effbackbones.engine import DeployHook, StrictLoadHook
+    from effbackbones.utils.launch import add_strict_load_hook, ensure_custom_hook
+    built = DeployHook()        # a built hook object, not a config dict
+    cfg = Config(dict(custom_hooks=[built, dict(type=StrictLoadHook, priority='LOW')]))
+    ensure_custom_hook(cfg, 'DeployHook')
+    add_strict_load_hook(cfg, strict=False)
+    ensure_custom_hook(cfg, 'ExactResumeHook')
+    ensure_custom_hook(cfg, 'ExactResumeHook')
+    assert cfg.custom_hooks == [built, dict(type=StrictLoadHook, priority='LOW', strict=False),
+                                dict(type='effbackbones.ExactResumeHook')]

@@ -26,8 +26,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.config import Config  # noqa: E402
 
 from effbackbones.utils.launch import (  # noqa: E402
-    add_common_args, check_datasets, detect_toolbox, main_guard, parse_common, prepare_config,
-    register_toolbox)
+    add_common_args, check_datasets, detect_toolbox, ensure_custom_hook, main_guard, parse_common,
+    prepare_config, register_toolbox)
 
 
 def parse_args(argv=None):
@@ -92,8 +92,7 @@ def main(argv=None):
             cfg.test_evaluator['output_dir'] = args.out
             cfg.test_evaluator['keep_results'] = True
     if args.deploy:
-        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
-            dict(type='effbackbones.DeployHook')]
+        ensure_custom_hook(cfg, 'DeployHook')
 
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner

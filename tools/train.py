@@ -21,8 +21,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.config import Config  # noqa: E402
 
 from effbackbones.utils.launch import (  # noqa: E402
-    add_common_args, check_datasets, check_pretrained_files, detect_toolbox, main_guard,
-    parse_common, prepare_config, register_toolbox)
+    add_common_args, check_datasets, check_pretrained_files, detect_toolbox, ensure_custom_hook,
+    main_guard, parse_common, prepare_config, register_toolbox)
 
 
 def parse_args(argv=None):
@@ -89,12 +89,8 @@ RELIABILITY_HOOKS = ('ExactResumeHook', 'DivergenceGuardHook')
 
 def add_reliability_hooks(cfg):
     """Our configs list both hooks (configs/_base_); other configs get them here."""
-    hooks = list(cfg.get('custom_hooks') or [])
-    listed = {str(h.get('type', '')).split('.')[-1] for h in hooks if isinstance(h, dict)}
     for name in RELIABILITY_HOOKS:
-        if name not in listed:
-            hooks.append(dict(type=f'effbackbones.{name}'))
-    cfg.custom_hooks = hooks
+        ensure_custom_hook(cfg, name)
 
 
 if __name__ == '__main__':

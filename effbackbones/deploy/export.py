@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import effbackbones_modules, is_effbackbones_backbone
+
 #: the ONNX opset written (LayerNormalization needs 17; 17 is read by onnxruntime >= 1.14 and
 #: OpenVINO >= 2022.3)
 OPSET = 17
@@ -214,7 +216,7 @@ class BackboneMaps(nn.Module):
 
 def exportable_part(model):
     """Wrap an mm model (or a bare backbone) in the module whose graph gets exported."""
-    if hasattr(model, 'arch_settings'):
+    if is_effbackbones_backbone(model):
         return BackboneMaps(model)
     if hasattr(model, 'decode_head'):
         if getattr(model, 'auxiliary_head', None) is not None:
@@ -230,7 +232,12 @@ def exportable_part(model):
 
 def effb_backbone(model):
     """The effbackbones backbone inside ``model`` (or ``model`` itself)."""
-    return model if hasattr(model, 'arch_settings') else model.backbone
+    found = effbackbones_modules(model)
+    if not found:
+        raise ExportError(f'{type(model).__name__} holds no effbackbones backbone: only '
+                          f'effbackbones backbones and mmdet / mmseg models built on one are '
+                          f'exported')
+    return found[0][1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
+from ..checkpoint import effbackbones_modules
 from ..registry import HOOKS
 
 
@@ -16,10 +17,10 @@ class DeployHook(Hook):
 
     def before_test(self, runner):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        switched = [name for name, m in model.named_modules()
-                    if hasattr(m, 'switch_to_deploy') and hasattr(m, 'arch_settings')]
-        for name in switched:
-            model.get_submodule(name).switch_to_deploy()
-        if not switched:
+        backbones = effbackbones_modules(model)
+        if not backbones:
             raise RuntimeError('DeployHook: the model has no effbackbones backbone to deploy')
+        for _, backbone in backbones:
+            backbone.switch_to_deploy()
+        switched = [prefix[:-1] or type(model).__name__ for prefix, _ in backbones]
         runner.logger.info(f'deploy mode: BN and layer scales folded in {switched}')

@@ -46,8 +46,14 @@ Pinned bias (deploy): for a fixed input size the bias can be computed once and k
 non-persistent buffer ``pinned_bias`` (:meth:`RelPosBiasAttention.start_pinning`, driven by
 ``BaseDenseBackbone.pin_attention_biases``). It is served in eval mode, traced or not, grad enabled
 or not, whenever the same grid comes again (training ignores it), so an exported graph holds it as a
-constant and a compiled graph does not recompute it. Loading a state dict drops it; ``train()`` /
-``eval()`` and ``.to()`` keep it (a buffer follows the module).
+constant and a compiled graph does not recompute it. It is keyed by the grid only and served in the
+dtype asked for, so a ``.half()`` / ``.to(dtype)`` model converts it (the buffer follows the module)
+instead of computing another. It carries the stamp of the table it was computed from
+(:func:`_table_stamp`); when the table has been edited in place since (an optimiser step, a manual
+edit), the eager forward pins it again from the current table. A ``torch.compile`` graph cannot
+read the stamp (Dynamo does not trace ``_version``): it serves the buffer as it is, so pin again
+(``pin_attention_biases``) after editing a table under a compiled model. Loading a state dict drops
+the pin; ``train()`` / ``eval()`` and ``.to()`` keep it.
 """
 import math
 from collections import OrderedDict
@@ -166,13 +172,14 @@ def resize_dense_bias(gathered, q_len, k_len):
 # cache
 # --------------------------------------------------------------------------------------------
 def _table_stamp(table):
-    """What a cached bias depends on besides the input size: device, dtype and the version counter
-    (bumped by every in-place edit, ``load_state_dict`` and optimiser steps included)."""
+    """What a cached or pinned bias depends on besides the input size: device, dtype, the version
+    counter (bumped by every in-place edit, ``load_state_dict`` and optimiser steps included) and
+    the storage (``table.data = other`` swaps it without an edit)."""
     try:
         version = table._version
     except RuntimeError:        # inference-mode tensors track no version
         version = None
-    return table.device, table.dtype, version
+    return table.device, table.dtype, version, table.data_ptr()
 
 
 class BiasCache:
@@ -273,6 +280,7 @@ class RelPosBiasAttention(nn.Module):
         # deploy: the one bias (or offset table) of a fixed input size, see the module docstring
         self.register_buffer('pinned_bias', None, persistent=False)
         self.pinned_key = None
+        self._pinned_stamp = None
         self._pin_next = False
 
     # -- biases -----------------------------------------------------------------------------
@@ -281,31 +289,47 @@ class RelPosBiasAttention(nn.Module):
         return self.attention_biases_seg if self.bias_mode == 'official' else \
             self.attention_biases
 
-    def _cached(self, kind, key, make):
-        """``make()``, served from the pinned buffer or the ``kind`` LRU (``'bias'`` or
-        ``'table'``) when no gradient can be wanted for the table."""
+    def _cached(self, kind, key, make, dtype=None):
+        """``make()`` (in the table's dtype) in ``dtype`` if given, served from the pinned buffer
+        or the ``kind`` LRU (``'bias'`` or ``'table'``) when no gradient can be wanted for the
+        table."""
+        def in_dtype(value):
+            return value if dtype is None else value.to(dtype)
+
         if self.training:
-            return make()
-        if self.pinned_bias is not None and self.pinned_key == (kind, key):
-            return self.pinned_bias           # an explicit deploy choice: also with grad enabled
+            return in_dtype(make())
         table = self.bias_table()
+        if self.pinned_bias is not None and self.pinned_key == (kind, key):
+            # an explicit deploy choice: also with grad enabled. Converted, not recomputed, for
+            # another dtype; pinned again if the table was edited since (see the module docstring)
+            if torch.compiler.is_compiling() or self._pinned_stamp == _table_stamp(table):
+                return in_dtype(self.pinned_bias)
+            self._pin(kind, key, make)
+            return in_dtype(self.pinned_bias)
         if torch.is_grad_enabled() and table.requires_grad:
-            return make()
+            return in_dtype(make())
         if self._pin_next:
             self._pin_next = False           # pin the outermost request only
-            with torch.no_grad():
-                self.pinned_bias = make().detach().clone()
-            self.pinned_key = (kind, key)
-            return self.pinned_bias
+            self._pin(kind, key, make)
+            return in_dtype(self.pinned_bias)
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return make()
-        cache = self._bias_cache if kind == 'bias' else self._table_cache
+            return in_dtype(make())
+        # the LRU keeps a bias per dtype asked for (no conversion per call); tables are asked for
+        # in their own dtype only
+        cache, lru_key = ((self._bias_cache, key + (dtype,)) if kind == 'bias'
+                          else (self._table_cache, key))
         stamp = _table_stamp(table)
-        value = cache.lookup(key, stamp)
+        value = cache.lookup(lru_key, stamp)
         if value is None:
             with torch.no_grad():
-                value = cache.store(key, stamp, make())
+                value = cache.store(lru_key, stamp, in_dtype(make()))
         return value
+
+    def _pin(self, kind, key, make):
+        with torch.no_grad():
+            self.pinned_bias = make().detach().clone()
+        self.pinned_key = (kind, key)
+        self._pinned_stamp = _table_stamp(self.bias_table())
 
     def dense_bias_matrix(self):
         """Official mode: the ``(heads, Nq0, Nk0)`` gather of ``attention_biases_seg`` on its
@@ -327,10 +351,9 @@ class RelPosBiasAttention(nn.Module):
         ``dtype`` if given, else the table's)."""
         q_hw = (int(q_hw[0]), int(q_hw[1]))
         k_hw = (int(k_hw[0]), int(k_hw[1]))
-        return self._cached('bias', (q_hw, k_hw, dtype),
-                            lambda: self._compute_bias(q_hw, k_hw, dtype))
+        return self._cached('bias', (q_hw, k_hw), lambda: self._compute_bias(q_hw, k_hw), dtype)
 
-    def _compute_bias(self, q_hw, k_hw, dtype=None):
+    def _compute_bias(self, q_hw, k_hw):
         if self.bias_mode == 'official':
             bias = resize_dense_bias(self.dense_bias_matrix(), q_hw[0] * q_hw[1],
                                      k_hw[0] * k_hw[1])
@@ -338,7 +361,7 @@ class RelPosBiasAttention(nn.Module):
             table = self.table_for_grid(k_hw)
             dy, dx = axis_offsets(q_hw, k_hw, self.q_stride, table.device)
             bias = gather_offset_bias(table, dy, dx)
-        return bias if dtype is None else bias.to(dtype)
+        return bias
 
     # -- pinning (deploy) -------------------------------------------------------------------
     def start_pinning(self):
@@ -353,6 +376,7 @@ class RelPosBiasAttention(nn.Module):
     def drop_pinned_bias(self):
         self.pinned_bias = None
         self.pinned_key = None
+        self._pinned_stamp = None
 
     # -- cache invalidation -----------------------------------------------------------------
     def clear_bias_cache(self):
@@ -365,8 +389,14 @@ class RelPosBiasAttention(nn.Module):
         return super().train(mode)
 
     def _apply(self, *args, **kwargs):
+        # the pinned buffer is converted with the table: a pin that was fresh stays fresh under
+        # the table's new stamp, a stale one stays stale
         self.clear_bias_cache()
-        return super()._apply(*args, **kwargs)
+        fresh = (self.pinned_bias is not None
+                 and self._pinned_stamp == _table_stamp(self.bias_table()))
+        out = super()._apply(*args, **kwargs)
+        self._pinned_stamp = _table_stamp(self.bias_table()) if fresh else None
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.clear_bias_cache()

@@ -168,20 +168,33 @@ def prepare_config(cfg, args, work_dir_default):
     return cfg
 
 
+def _hook_name(hook):
+    """``'StrictLoadHook'`` for ``dict(type='effbackbones.StrictLoadHook')``, ``'StrictLoadHook'``
+    or the class itself, and for a built hook object."""
+    kind = hook.get('type', '') if isinstance(hook, dict) else type(hook)
+    return (kind.__name__ if isinstance(kind, type) else str(kind)).rpartition('.')[2]
+
+
+def ensure_custom_hook(cfg, hook_type, **settings):
+    """Add ``dict(type='effbackbones.<hook_type>')`` to ``cfg.custom_hooks`` unless the config
+    lists a hook of that type already (with or without a scope, or built), then set
+    ``settings`` on every dict entry of that type (a built hook object is kept as it is)."""
+    hooks = list(cfg.get('custom_hooks') or [])
+    mine = [h for h in hooks if _hook_name(h) == hook_type]
+    if not mine:
+        mine = [dict(type=f'effbackbones.{hook_type}')]
+        hooks += mine
+    for hook in mine:
+        if isinstance(hook, dict):
+            hook.update(settings)
+    cfg.custom_hooks = hooks
+
+
 def add_strict_load_hook(cfg, strict=True):
     """Make every checkpoint the runner loads go through ``effbackbones.StrictLoadHook``
-    (official dense layouts converted, partial loads refused); ``strict`` overrides the
+    (official dense layouts converted, partial loads refused); ``strict=False`` overrides the
     config's own setting of the hook."""
-    hooks = list(cfg.get('custom_hooks') or [])
-    mine = [h for h in hooks if h.get('type') in ('effbackbones.StrictLoadHook',
-                                                   'StrictLoadHook')]
-    if not mine:
-        mine = [dict(type='effbackbones.StrictLoadHook')]
-        hooks.append(mine[0])
-    if not strict:
-        for h in mine:
-            h['strict'] = False
-    cfg.custom_hooks = hooks
+    ensure_custom_hook(cfg, 'StrictLoadHook', **({} if strict else dict(strict=False)))
 
 
 def _init_cpu_process_group():
