@@ -11,10 +11,11 @@ and the deploy model exported to ONNX and run in onnxruntime and OpenVINO.
 For every variant: one model with random weights (BN statistics randomised so folding is not
 trivial), then copies: eager, deploy, plus family-specific alternatives (e.g. LeViT ``attn_impl``)
 when the class declares them in ``benchmark_variants`` (skip with ``--no-alternatives``), then
-the runtimes. Runs are interleaved round-robin so drifting clocks hit all alike: in each round
-every variant gets a turn after ``--pause-ms`` idle, one untimed call and ``--burst`` timed calls
-back to back (steady-state latency, as a runtime serving a stream of images runs; ``--burst 1``
-times only calls that follow the idle pause, which is slower for every runtime); reported: median
+the runtimes. Runs are interleaved so drifting clocks hit all alike: in each round every
+variant, in a new random order, gets a turn after ``--pause-ms`` idle, one untimed call and
+``--burst`` timed calls back to back (steady-state latency, as a runtime serving a stream of
+images runs; ``--burst 1`` times only calls that follow the idle pause, which is slower for
+every runtime); reported: median
 and p90 of per-call wall time (the runtimes' numpy conversions included), the speed-up over
 eager, the max abs difference of the outputs to eager relative to max|eager|, and the share of
 the machine's float32 peak: ``2 * MACs / latency`` over the rate of a large float32 matrix
@@ -27,6 +28,7 @@ import copy
 import os
 import os.path as osp
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -143,7 +145,7 @@ def _sync(device):
 
 def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=1):
     """Warm every variant up (failures recorded), then time them interleaved: rounds in
-    which each variant, after ``pause`` idle, makes ``burst`` timed calls back to back (with
+    which each variant (in a new random order), after ``pause`` idle, makes ``burst`` timed calls back to back (with
     ``burst > 1`` one untimed call first, so a burst times the steady state)."""
     times, diffs, errors = {}, {}, {}
     ref = None
@@ -168,8 +170,10 @@ def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=
             diffs[n] = (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
             times[n] = []
             runnable.append((n, m))
+        rounds = random.Random(0)
         while any(len(t) < repeats for t in times.values()):
-            for n, m in runnable:
+            # a new order every round: no variant always follows the same one
+            for n, m in rounds.sample(runnable, len(runnable)):
                 # a pause first: the previous runtime's worker threads spin a while after a
                 # run, and would take the cores of the variant timed next
                 time.sleep(pause)
