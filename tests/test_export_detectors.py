@@ -1,0 +1,189 @@
+"""ONNX export of the detectors (tools/export_onnx.py --config) and their evaluation in a runtime
+(tools/test.py --backend) on a tiny synthetic COCO set (3 shapes images of 128x160, classes
+circle / square / triangle), with random-weight checkpoints.
+
+* RetinaNet (Mobile-Former-26M, narrow FPN / head): the raw-head file through tools/test.py in
+  onnxruntime gives the PyTorch checkpoint's predictions and bbox mAP;
+* Mask R-CNN (the SwiftFormer-XS demo config): the backbone + neck file with the RPN / RoI heads
+  in PyTorch (``--torch-weights``) gives PyTorch's predictions and bbox / segm mAP.
+"""
+import os
+import os.path as osp
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+PY = sys.executable
+CLASSES = ('circle', 'square', 'triangle')
+
+
+def _write_config(path, base, data_root, body=''):
+    """A config inheriting ``base`` (a path in the repo) that tests on ``data_root``'s val
+    split, one image per batch, the images resized 2x (128x160 -> 256x320, multiples of 32, so
+    the exported size is every test input's size)."""
+    path.write_text(f"""
+_base_ = [{osp.join(REPO, base)!r}]
+data_root = {data_root!r}
+metainfo = dict(classes={CLASSES!r})
+{body}
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(320, 256), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+test_dataloader = dict(
+    batch_size=1, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=metainfo,
+                 ann_file='annotations/instances_val.json', data_prefix=dict(img='val/'),
+                 test_mode=True, pipeline=test_pipeline))
+test_evaluator = dict(type='CocoMetric', ann_file=data_root + 'annotations/instances_val.json',
+                      metric=metric, format_only=False, backend_args=None)
+""")
+
+
+RETINA_BODY = """
+# narrow FPN / head: the test checks the export path, not the capacity
+model = dict(
+    backbone=dict(init_cfg=None),
+    neck=dict(out_channels=64),
+    bbox_head=dict(num_classes=3, in_channels=64, feat_channels=64, stacked_convs=2))
+metric = 'bbox'
+"""
+MASK_BODY = """
+metric = ['bbox', 'segm']
+"""
+
+
+@pytest.fixture(scope='module')
+def det(tmp_path_factory):
+    """The synthetic COCO set, the two configs and random-weight checkpoints of them."""
+    from mmengine.config import Config
+    from effbackbones.datasets.synthetic import make_shapes_dataset
+    from effbackbones.utils.launch import build_model
+    tmp = tmp_path_factory.mktemp('det_export')
+    shapes = str(tmp / 'shapes')
+    make_shapes_dataset(shapes, num_train=1, num_val=3, size=(128, 160), max_objects=3)
+    data_root = osp.join(shapes, 'coco') + '/'
+    out = dict(tmp=tmp, data_root=data_root)
+    for name, base, body in (
+            ('retinanet', 'configs/retinanet_mobileformer_26m.py', RETINA_BODY),
+            ('maskrcnn', 'configs/demo/maskrcnn_swiftformer_xs_shapes.py', MASK_BODY)):
+        cfg_path = tmp / f'{name}.py'
+        _write_config(cfg_path, base, data_root, body)
+        torch.manual_seed(0)
+        model = build_model(Config.fromfile(str(cfg_path)))
+        model.init_weights()
+        if name == 'retinanet':
+            # RetinaNet's head starts at class prior 0.01 (< score_thr 0.05) with near-zero
+            # box deltas: random weights would detect nothing. Logits of std ~2 around -4
+            # (~25% of the anchor / class pairs above the threshold, well separated scores)
+            # and deltas of std ~0.1 give thresholding, top-k, decoding and NMS work to do.
+            head = model.bbox_head
+            with torch.no_grad():
+                torch.nn.init.normal_(head.retina_cls.weight, std=30.0)
+                head.retina_cls.bias.fill_(-4.0)
+                torch.nn.init.normal_(head.retina_reg.weight, std=1.0)
+        ckpt = tmp / f'{name}.pth'
+        torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+        out[name] = dict(config=str(cfg_path), ckpt=str(ckpt))
+    return out
+
+
+def _export(args):
+    sys.path.insert(0, osp.join(REPO, 'tools'))
+    import export_onnx
+    assert export_onnx.main(args) == 0
+
+
+def _test_tool(config, model_file, work_dir, dump, extra=()):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    proc = subprocess.run([PY, 'tools/test.py', config, model_file, '--work-dir', str(work_dir),
+                           '--out', str(dump)] + list(extra),
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    with open(dump, 'rb') as f:
+        preds = pickle.load(f)
+    return log, preds
+
+
+def _metric(log, name):
+    m = re.findall(rf'coco/{name}_mAP: (-?[\d.]+)', log)
+    assert m, log[-3000:]
+    return m[-1]
+
+
+def _match(p, r, atol):
+    """Index of the detection of ``p`` matching each of ``r`` (same label, score within 1e-5,
+    box within ``atol``): near-equal scores may come out in either order."""
+    free = list(range(len(p['scores'])))
+    order = []
+    for i in range(len(r['scores'])):
+        hit = [j for j in free if p['labels'][j] == r['labels'][i]
+               and abs(float(p['scores'][j] - r['scores'][i])) <= 1e-5
+               and float((p['bboxes'][j] - r['bboxes'][i]).abs().max()) <= atol]
+        assert hit, (f'no match for detection {i}: label {int(r["labels"][i])} score '
+                     f'{float(r["scores"][i]):.6f} box {r["bboxes"][i].tolist()}')
+        order.append(hit[0])
+        free.remove(hit[0])
+    return order
+
+
+def _same_predictions(preds, refs, atol=1e-3, masks=False):
+    """Same images and, per image, the same number of detections, each matching one of the
+    PyTorch run (label, score, box within ``atol`` pixels of the original image; masks up to
+    a few boundary pixels). Returns the number of detections."""
+    assert len(preds) == len(refs)
+    total = 0
+    for p, r in zip(preds, refs):
+        assert p['img_id'] == r['img_id']
+        p, r = p['pred_instances'], r['pred_instances']
+        assert len(p['scores']) == len(r['scores']), (len(p['scores']), len(r['scores']))
+        order = _match(p, r, atol)
+        if masks:               # RLE in the dump
+            from pycocotools.mask import decode
+            for j, rm in zip(order, r['masks']):
+                diff = int((decode(p['masks'][j]) != decode(rm)).sum())
+                assert diff <= 1e-3 * rm['size'][0] * rm['size'][1] + 1, diff
+        total += len(r['scores'])
+    return total
+
+
+@pytest.mark.slow
+def test_retinanet_raw_head_file_in_tools_test(det, tmp_path):
+    """RetinaNet exported as backbone + FPN + raw head outputs; anchors, decoding and NMS in
+    PyTorch: tools/test.py in onnxruntime gives the checkpoint's predictions and bbox mAP."""
+    cfg = det['retinanet']
+    onnx_file = str(tmp_path / 'retinanet_raw.onnx')
+    _export(['--config', cfg['config'], '--checkpoint', cfg['ckpt'], '--shape', '256', '320',
+             '--out', onnx_file])
+    log_pt, ref = _test_tool(cfg['config'], cfg['ckpt'], tmp_path / 'wd', tmp_path / 'pt.pkl')
+    log_rt, preds = _test_tool(cfg['config'], onnx_file, tmp_path / 'wd',
+                               tmp_path / 'ort.pkl', ['--backend', 'onnxruntime'])
+    assert _same_predictions(preds, ref) > 0
+    assert _metric(log_rt, 'bbox') == _metric(log_pt, 'bbox')
+
+
+@pytest.mark.slow
+def test_maskrcnn_features_file_in_tools_test(det, tmp_path):
+    """Mask R-CNN exported as backbone + FPN; RPN and RoI heads in PyTorch from
+    --torch-weights: tools/test.py in onnxruntime gives the checkpoint's predictions and bbox /
+    segm mAP."""
+    cfg = det['maskrcnn']
+    onnx_file = str(tmp_path / 'maskrcnn_feat.onnx')
+    _export(['--config', cfg['config'], '--checkpoint', cfg['ckpt'], '--shape', '256', '320',
+             '--out', onnx_file])
+    log_pt, ref = _test_tool(cfg['config'], cfg['ckpt'], tmp_path / 'wd', tmp_path / 'pt.pkl')
+    log_rt, preds = _test_tool(cfg['config'], onnx_file, tmp_path / 'wd', tmp_path / 'ort.pkl',
+                               ['--backend', 'onnxruntime', '--torch-weights', cfg['ckpt']])
+    assert _same_predictions(preds, ref, masks=True) > 0
+    for metric in ('bbox', 'segm'):
+        assert _metric(log_rt, metric) == _metric(log_pt, metric)
