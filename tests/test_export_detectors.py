@@ -4,8 +4,12 @@ circle / square / triangle), with random-weight checkpoints.
 
 * RetinaNet (Mobile-Former-26M, narrow FPN / head): the raw-head file through tools/test.py in
   onnxruntime gives the PyTorch checkpoint's predictions and bbox mAP;
+* RetinaNet end to end (``--end2end``: NMS in the graph): dets / labels equal to mmdet's
+  ``predict`` in onnxruntime and OpenVINO, and tools/test.py with the file alone gives the
+  checkpoint's predictions and bbox mAP in both runtimes;
 * Mask R-CNN (the SwiftFormer-XS demo config): the backbone + neck file with the RPN / RoI heads
-  in PyTorch (``--torch-weights``) gives PyTorch's predictions and bbox / segm mAP.
+  in PyTorch (``--torch-weights``) gives PyTorch's predictions and bbox / segm mAP;
+* --end2end requests that cannot be met fail with what to do instead.
 """
 import os
 import os.path as osp
@@ -97,10 +101,14 @@ def det(tmp_path_factory):
     return out
 
 
-def _export(args):
+def _export_tool(args):
     sys.path.insert(0, osp.join(REPO, 'tools'))
     import export_onnx
-    assert export_onnx.main(args) == 0
+    return export_onnx.main(args)
+
+
+def _export(args):
+    assert _export_tool(args) == 0
 
 
 def _test_tool(config, model_file, work_dir, dump, extra=()):
@@ -157,19 +165,106 @@ def _same_predictions(preds, refs, atol=1e-3, masks=False):
     return total
 
 
+@pytest.fixture(scope='module')
+def retina_pytorch(det):
+    """tools/test.py on the RetinaNet checkpoint: (log, predictions)."""
+    cfg = det['retinanet']
+    return _test_tool(cfg['config'], cfg['ckpt'], det['tmp'] / 'wd_pt', det['tmp'] / 'pt.pkl')
+
+
 @pytest.mark.slow
-def test_retinanet_raw_head_file_in_tools_test(det, tmp_path):
+def test_retinanet_raw_head_file_in_tools_test(det, retina_pytorch, tmp_path):
     """RetinaNet exported as backbone + FPN + raw head outputs; anchors, decoding and NMS in
     PyTorch: tools/test.py in onnxruntime gives the checkpoint's predictions and bbox mAP."""
     cfg = det['retinanet']
     onnx_file = str(tmp_path / 'retinanet_raw.onnx')
     _export(['--config', cfg['config'], '--checkpoint', cfg['ckpt'], '--shape', '256', '320',
              '--out', onnx_file])
-    log_pt, ref = _test_tool(cfg['config'], cfg['ckpt'], tmp_path / 'wd', tmp_path / 'pt.pkl')
+    log_pt, ref = retina_pytorch
     log_rt, preds = _test_tool(cfg['config'], onnx_file, tmp_path / 'wd',
                                tmp_path / 'ort.pkl', ['--backend', 'onnxruntime'])
     assert _same_predictions(preds, ref) > 0
     assert _metric(log_rt, 'bbox') == _metric(log_pt, 'bbox')
+
+
+def _image_input(model, path):
+    """A synthetic val image as the test pipeline feeds it (2x resize, normalised)."""
+    import cv2
+    from mmdet.structures import DetDataSample
+    img = cv2.resize(cv2.imread(path), (320, 256), interpolation=cv2.INTER_LINEAR)
+    data = model.data_preprocessor(
+        dict(inputs=[torch.from_numpy(img).permute(2, 0, 1)],
+             data_samples=[DetDataSample(metainfo=dict(img_shape=(256, 320)))]), False)
+    return data['inputs']
+
+
+@pytest.mark.parametrize('score_thr', [None, 0.6], ids=['config_thr', 'thr0.6'])
+def test_retinanet_end2end_matches_mmdet_predict(det, score_thr, tmp_path):
+    """The end-to-end file in onnxruntime and OpenVINO returns mmdet's detections (same count,
+    labels, scores, boxes within 2e-4 of max|box|) on a synthetic image and on noise, with the
+    config's score_thr (max_per_img detections) and a higher one (fewer)."""
+    from mmdet.structures import DetDataSample
+    from effbackbones.deploy import RuntimeSession, build_from_config, export
+    from effbackbones.deploy.detection import compare_detections
+    cfg = det['retinanet']
+    opts = {} if score_thr is None else {'model.test_cfg.score_thr': score_thr}
+    model, _ = build_from_config(cfg['config'], cfg['ckpt'], cfg_options=opts)
+    out = str(tmp_path / 'end2end.onnx')
+    export(model, (256, 320), out, end2end=True, log=lambda *_: None)
+    image = osp.join(det['data_root'], 'val', 'val_00000.png')
+    noise = torch.randn(1, 3, 256, 320, generator=torch.Generator().manual_seed(3))
+    inputs = [_image_input(model, image), noise]
+    counts = []
+    sessions = [RuntimeSession(out, b, threads=1) for b in ('onnxruntime', 'openvino')]
+    assert sessions[0].part == 'single_stage_end2end'
+    assert sessions[0].output_names == ['dets', 'labels']
+    for x in inputs:
+        meta = dict(img_shape=(256, 320), ori_shape=(256, 320), scale_factor=(1.0, 1.0))
+        with torch.no_grad():
+            ref = model.predict(x, [DetDataSample(metainfo=meta)], rescale=False)[0]
+        ref = ref.pred_instances
+        refs = [torch.cat([ref.bboxes, ref.scores[:, None]], 1)[None], ref.labels[None]]
+        counts.append(len(ref.scores))
+        for sess in sessions:
+            dets, labels = sess(x)
+            assert dets.shape == (1, len(ref.scores), 5) and labels.dtype == torch.int64
+            ok, report = compare_detections([dets, labels], refs)
+            assert ok, f'{sess.backend}: {report}'
+    if score_thr is None:
+        assert counts[0] == model.bbox_head.test_cfg.max_per_img
+    else:
+        assert 0 < counts[0] < model.bbox_head.test_cfg.max_per_img
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('backend', ['onnxruntime', 'openvino'])
+def test_retinanet_end2end_file_in_tools_test(det, retina_pytorch, backend, tmp_path):
+    """tools/test.py with the end-to-end file alone (no --torch-weights): the boxes mapped back
+    to the original image give the checkpoint's predictions and bbox mAP."""
+    cfg = det['retinanet']
+    onnx_file = str(tmp_path / 'retinanet_end2end.onnx')
+    _export(['--config', cfg['config'], '--checkpoint', cfg['ckpt'], '--shape', '256', '320',
+             '--end2end', '--out', onnx_file])
+    log_pt, ref = retina_pytorch
+    log_rt, preds = _test_tool(cfg['config'], onnx_file, tmp_path / 'wd',
+                               tmp_path / 'rt.pkl', ['--backend', backend])
+    assert _same_predictions(preds, ref) > 0
+    assert _metric(log_rt, 'bbox') == _metric(log_pt, 'bbox')
+
+
+@pytest.mark.parametrize('which,extra,message', [
+    ('maskrcnn', [], r'Mask R-CNN is not exported end to end: .*RoIAlign.*without --end2end.*'
+                     r'--torch-weights'),
+    ('retinanet', ['--dynamic'], r'--end2end is static: the anchors.*Drop --dynamic'),
+    ('retinanet', ['--batch', '2'], r'--end2end exports batch 1'),
+])
+def test_end2end_clear_errors(det, which, extra, message, tmp_path, capsys):
+    cfg = det[which]
+    out = tmp_path / 'x.onnx'
+    assert _export_tool(['--config', cfg['config'], '--checkpoint', cfg['ckpt'], '--shape',
+                         '256', '320', '--end2end', '--out', str(out)] + extra) == 2
+    assert re.search(message, capsys.readouterr().err, re.S)
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 :class:`RuntimeSession` is a callable ``torch.Tensor -> list[torch.Tensor]`` over one ONNX file
 in either runtime (CPU, float32). :func:`attach_runtime` makes an mmdet / mmseg model run the
 exported part of itself in the runtime while everything after it (mmseg's resize of the logits,
-mmdet's box decoding + NMS, the Mask R-CNN RPN / RoI heads) stays in PyTorch, so
+mmdet's box decoding + NMS for a raw RetinaNet file, the Mask R-CNN RPN / RoI heads) stays in
+PyTorch; an end-to-end RetinaNet file only needs its boxes mapped back to the image, so
 ``tools/test.py CONFIG MODEL.onnx --backend onnxruntime`` evaluates with the config's own metric.
 """
 import os
@@ -114,6 +115,12 @@ def attach_runtime(model, path, backend='onnxruntime', threads=None, torch_weigh
         model.extract_feat = types.MethodType(lambda self, inputs: session(inputs)[0], model)
         # the file already ends with the decode head: its forward passes the logits through
         model.decode_head.forward = lambda logits: logits
+    elif part == 'single_stage_end2end':
+        if not hasattr(model, 'bbox_head') or hasattr(model, 'roi_head'):
+            raise ValueError(f'{path} holds an end-to-end single-stage detector but the config '
+                             f'builds a {type(model).__name__}')
+        model.extract_feat = types.MethodType(lambda self, inputs: session(inputs), model)
+        model.bbox_head.predict = end2end_results
     elif part == 'single_stage':
         if not hasattr(model, 'bbox_head') or hasattr(model, 'roi_head'):
             raise ValueError(f'{path} holds a single-stage detector but the config builds a '
@@ -134,6 +141,31 @@ def attach_runtime(model, path, backend='onnxruntime', threads=None, torch_weigh
                              f'CHECKPOINT.pth')
         model.extract_feat = types.MethodType(lambda self, inputs: tuple(session(inputs)), model)
     return session
+
+
+def end2end_results(outs, batch_data_samples, rescale=True):
+    """``bbox_head.predict`` for an end-to-end file: its ``dets`` / ``labels`` (exported input
+    pixels) as mmdet's ``InstanceData``, boxes clamped to the sample's ``img_shape`` and, with
+    ``rescale``, divided by its ``scale_factor`` (mmdet's ``scale_boxes``)."""
+    from mmengine.structures import InstanceData
+    dets, labels = outs
+    if len(batch_data_samples) != dets.shape[0]:
+        raise ValueError(f'{len(batch_data_samples)} images in the batch, the file returned '
+                         f'detections for {dets.shape[0]}')
+    results = []
+    for i, sample in enumerate(batch_data_samples):
+        meta = sample.metainfo
+        boxes = dets[i, :, :4].clone()
+        h, w = meta['img_shape'][:2]
+        # the graph clamps to the (padded) input; mmdet clamps to the image inside it
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=h)
+        if rescale:
+            sw, sh = meta['scale_factor']
+            boxes = boxes * boxes.new_tensor([1 / sw, 1 / sh]).repeat(2)
+        results.append(InstanceData(bboxes=boxes, scores=dets[i, :, 4].clone(),
+                                    labels=labels[i].clone()))
+    return results
 
 
 __all__ = ['BACKENDS', 'RuntimeSession', 'attach_runtime', 'read_metadata']
