@@ -12,9 +12,10 @@ What is exported:
   the maps of ``out_indices``, in that order.
 * ``--config CFG``: mmseg ``EncoderDecoder`` -> image to ``seg_logits`` (backbone + neck +
   decode head; the resize to the image and argmax stay in PyTorch); mmdet single-stage detector
-  (RetinaNet) -> backbone + neck + the head's raw ``cls_score_<l>`` / ``bbox_pred_<l>``; mmdet
+  (RetinaNet) -> backbone + neck + the head's raw ``cls_score_<l>`` / ``bbox_pred_<l>``, or with
+  ``end2end=True`` the whole detector -> ``dets`` / ``labels`` (:mod:`.detection`); mmdet
   two-stage detector (Mask R-CNN) -> backbone + neck ``feat_<l>`` (RPN / RoI heads stay in
-  PyTorch: their NMS / RoIAlign post-processing is data dependent).
+  PyTorch, see :data:`.detection.MASK_RCNN_MESSAGE`).
 
 Dynamic height / width (``dynamic=True``) is allowed for families whose forward has no
 size-dependent tables (SwiftFormer, Mobile-Former); a backbone with relative-position attention
@@ -23,7 +24,7 @@ export one static file per input size.
 
 After writing the file, :func:`check_onnx_parity` runs it in onnxruntime on a random input and
 raises :class:`ParityError` when an output is outside the reference-pack tolerance
-``|out - ref| <= 2e-4 * max|ref| + 1e-4 * |ref|``.
+``|out - ref| <= 2e-4 * max|ref| + 1e-4 * |ref|`` (detections: the part's own ``compare``).
 """
 import contextlib
 import os
