@@ -282,3 +282,23 @@ def test_maskrcnn_features_file_in_tools_test(det, tmp_path):
     assert _same_predictions(preds, ref, masks=True) > 0
     for metric in ('bbox', 'segm'):
         assert _metric(log_rt, metric) == _metric(log_pt, metric)
+
+
+def test_end2end_results_clamp_to_the_image_and_rescale():
+    """The wrapper of an end-to-end file: boxes in the padded input are clamped to the image
+    (``img_shape``) and mapped to the original image as mmdet's ``rescale`` does."""
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.bbox import scale_boxes
+    from effbackbones.deploy.runtime import end2end_results
+    dets = torch.tensor([[[-3.0, 10.0, 150.0, 90.0, 0.9],       # crosses left and right
+                          [20.0, 40.5, 60.0, 125.0, 0.7]]])     # into the bottom padding
+    labels = torch.tensor([[2, 0]])
+    meta = dict(img_shape=(120, 140), scale_factor=(2.0, 1.6))
+    res = end2end_results([dets, labels], [DetDataSample(metainfo=meta)])[0]
+    clamped = torch.tensor([[0.0, 10.0, 140.0, 90.0], [20.0, 40.5, 60.0, 120.0]])
+    assert torch.equal(res.bboxes, scale_boxes(clamped, [1 / 2.0, 1 / 1.6]))
+    assert torch.equal(res.scores, dets[0, :, 4]) and torch.equal(res.labels, labels[0])
+    unscaled = end2end_results([dets, labels], [DetDataSample(metainfo=meta)], rescale=False)
+    assert torch.equal(unscaled[0].bboxes, clamped)
+    with pytest.raises(ValueError, match='2 images in the batch'):
+        end2end_results([dets, labels], [DetDataSample(metainfo=meta)] * 2)
