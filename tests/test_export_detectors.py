@@ -8,7 +8,10 @@ circle / square / triangle), with random-weight checkpoints.
   ``predict`` in onnxruntime and OpenVINO, and tools/test.py with the file alone gives the
   checkpoint's predictions and bbox mAP in both runtimes;
 * Mask R-CNN (the SwiftFormer-XS demo config): the backbone + neck file with the RPN / RoI heads
-  in PyTorch (``--torch-weights``) gives PyTorch's predictions and bbox / segm mAP;
+  in PyTorch (``--torch-weights``) gives PyTorch's predictions and bbox / segm mAP; end to end
+  (``--end2end``: RPN, RoIAlign, NMS, mask head in the graph), mmdet's detections and the
+  PyTorch mask probabilities in both runtimes, and through tools/test.py the checkpoint's
+  predictions (pasted masks included) and bbox / segm mAP;
 * --end2end requests that cannot be met fail with what to do instead.
 """
 import os
@@ -166,21 +169,28 @@ def _same_predictions(preds, refs, atol=1e-3, masks=False):
 
 
 @pytest.fixture(scope='module')
-def retina_pytorch(det):
-    """tools/test.py on the RetinaNet checkpoint: (log, predictions)."""
-    cfg = det['retinanet']
-    return _test_tool(cfg['config'], cfg['ckpt'], det['tmp'] / 'wd_pt', det['tmp'] / 'pt.pkl')
+def pytorch_run(det):
+    """``pytorch_run(name)``: tools/test.py on that checkpoint, (log, predictions), run once."""
+    cache = {}
+
+    def run(name):
+        if name not in cache:
+            cfg = det[name]
+            cache[name] = _test_tool(cfg['config'], cfg['ckpt'], det['tmp'] / f'wd_{name}',
+                                     det['tmp'] / f'{name}_pytorch.pkl')
+        return cache[name]
+    return run
 
 
 @pytest.mark.slow
-def test_retinanet_raw_head_file_in_tools_test(det, retina_pytorch, tmp_path):
+def test_retinanet_raw_head_file_in_tools_test(det, pytorch_run, tmp_path):
     """RetinaNet exported as backbone + FPN + raw head outputs; anchors, decoding and NMS in
     PyTorch: tools/test.py in onnxruntime gives the checkpoint's predictions and bbox mAP."""
     cfg = det['retinanet']
     onnx_file = str(tmp_path / 'retinanet_raw.onnx')
     _export(['--config', cfg['config'], '--checkpoint', cfg['ckpt'], '--shape', '256', '320',
              '--out', onnx_file])
-    log_pt, ref = retina_pytorch
+    log_pt, ref = pytorch_run('retinanet')
     log_rt, preds = _test_tool(cfg['config'], onnx_file, tmp_path / 'wd',
                                tmp_path / 'ort.pkl', ['--backend', 'onnxruntime'])
     assert _same_predictions(preds, ref) > 0
@@ -238,50 +248,86 @@ def test_retinanet_end2end_matches_mmdet_predict(det, score_thr, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('backend', ['onnxruntime', 'openvino'])
-def test_retinanet_end2end_file_in_tools_test(det, retina_pytorch, backend, tmp_path):
+def test_retinanet_end2end_file_in_tools_test(det, pytorch_run, backend, tmp_path):
     """tools/test.py with the end-to-end file alone (no --torch-weights): the boxes mapped back
     to the original image give the checkpoint's predictions and bbox mAP."""
     cfg = det['retinanet']
     onnx_file = str(tmp_path / 'retinanet_end2end.onnx')
     _export(['--config', cfg['config'], '--checkpoint', cfg['ckpt'], '--shape', '256', '320',
              '--end2end', '--out', onnx_file])
-    log_pt, ref = retina_pytorch
+    log_pt, ref = pytorch_run('retinanet')
     log_rt, preds = _test_tool(cfg['config'], onnx_file, tmp_path / 'wd',
                                tmp_path / 'rt.pkl', ['--backend', backend])
     assert _same_predictions(preds, ref) > 0
     assert _metric(log_rt, 'bbox') == _metric(log_pt, 'bbox')
 
 
-@pytest.mark.parametrize('which,extra,message', [
-    ('maskrcnn', [], r'Mask R-CNN is not exported end to end: .*RoIAlign.*without --end2end.*'
-                     r'--torch-weights'),
-    ('retinanet', ['--dynamic'], r'--end2end is static: the anchors.*Drop --dynamic'),
-    ('retinanet', ['--batch', '2'], r'--end2end exports batch 1'),
-])
-def test_end2end_clear_errors(det, which, extra, message, tmp_path, capsys):
-    cfg = det[which]
-    out = tmp_path / 'x.onnx'
-    assert _export_tool(['--config', cfg['config'], '--checkpoint', cfg['ckpt'], '--shape',
-                         '256', '320', '--end2end', '--out', str(out)] + extra) == 2
-    assert re.search(message, capsys.readouterr().err, re.S)
-    assert not out.exists()
+def test_maskrcnn_end2end_matches_mmdet_predict(det, tmp_path):
+    """The end-to-end Mask R-CNN file in onnxruntime and OpenVINO returns mmdet's detections
+    and the PyTorch graph's mask probabilities on a synthetic image and on noise."""
+    from mmdet.structures import DetDataSample
+    from effbackbones.deploy import RuntimeSession, build_from_config, export
+    from effbackbones.deploy.detection import TwoStageEnd2End, compare_detections
+    cfg = det['maskrcnn']
+    model, _ = build_from_config(cfg['config'], cfg['ckpt'])
+    out = str(tmp_path / 'end2end.onnx')
+    export(model, (256, 320), out, end2end=True, log=lambda *_: None)
+    part = TwoStageEnd2End(model, (256, 320)).eval()
+    image = osp.join(det['data_root'], 'val', 'val_00001.png')
+    noise = torch.randn(1, 3, 256, 320, generator=torch.Generator().manual_seed(3))
+    sessions = [RuntimeSession(out, b, threads=1) for b in ('onnxruntime', 'openvino')]
+    assert sessions[0].part == 'two_stage_end2end'
+    assert sessions[0].output_names == ['dets', 'labels', 'masks']
+    for x in (_image_input(model, image), noise):
+        meta = dict(img_shape=(256, 320), ori_shape=(256, 320), scale_factor=(1.0, 1.0))
+        with torch.no_grad():
+            ref = model.predict(x, [DetDataSample(metainfo=meta)], rescale=False)[0]
+            graph = part(x)
+        ref = ref.pred_instances
+        assert len(ref.scores) == model.roi_head.test_cfg.max_per_img
+        assert graph[2].shape == (1, len(ref.scores), 28, 28)
+        refs = [torch.cat([ref.bboxes, ref.scores[:, None]], 1)[None], ref.labels[None]]
+        ok, report = compare_detections(graph[:2], refs)
+        assert ok, f'PyTorch graph: {report}'
+        for sess in sessions:
+            outs = sess(x)
+            ok, report = compare_detections(outs[:2], refs)
+            assert ok, f'{sess.backend}: {report}'
+            ok, report = compare_detections(outs, graph)
+            assert ok, f'{sess.backend} masks: {report}'
 
 
 @pytest.mark.slow
-def test_maskrcnn_features_file_in_tools_test(det, tmp_path):
-    """Mask R-CNN exported as backbone + FPN; RPN and RoI heads in PyTorch from
-    --torch-weights: tools/test.py in onnxruntime gives the checkpoint's predictions and bbox /
-    segm mAP."""
+@pytest.mark.parametrize('backend', ['onnxruntime', 'openvino'])
+def test_maskrcnn_end2end_file_in_tools_test(det, pytorch_run, backend, tmp_path):
+    """tools/test.py with the end-to-end Mask R-CNN file alone: the checkpoint's predictions
+    (masks pasted into the image by mmdet's code) and bbox / segm mAP."""
     cfg = det['maskrcnn']
-    onnx_file = str(tmp_path / 'maskrcnn_feat.onnx')
+    onnx_file = str(tmp_path / 'maskrcnn_end2end.onnx')
     _export(['--config', cfg['config'], '--checkpoint', cfg['ckpt'], '--shape', '256', '320',
-             '--out', onnx_file])
-    log_pt, ref = _test_tool(cfg['config'], cfg['ckpt'], tmp_path / 'wd', tmp_path / 'pt.pkl')
-    log_rt, preds = _test_tool(cfg['config'], onnx_file, tmp_path / 'wd', tmp_path / 'ort.pkl',
-                               ['--backend', 'onnxruntime', '--torch-weights', cfg['ckpt']])
+             '--end2end', '--out', onnx_file])
+    log_pt, ref = pytorch_run('maskrcnn')
+    log_rt, preds = _test_tool(cfg['config'], onnx_file, tmp_path / 'wd', tmp_path / 'rt.pkl',
+                               ['--backend', backend])
     assert _same_predictions(preds, ref, masks=True) > 0
     for metric in ('bbox', 'segm'):
         assert _metric(log_rt, metric) == _metric(log_pt, metric)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--model', 'SwiftFormer', '--arch', 'xs'],
+     r'--end2end exports detectors .* a SwiftFormer has none: drop --end2end'),
+    (['retinanet', '--dynamic'], r'--end2end is static: the anchors.*Drop --dynamic'),
+    (['retinanet', '--batch', '2'], r'--end2end exports batch 1'),
+])
+def test_end2end_clear_errors(det, args, message, tmp_path, capsys):
+    if args[0] in det:
+        args = ['--config', det[args[0]]['config'], '--checkpoint', det[args[0]]['ckpt']] \
+            + args[1:]
+    out = tmp_path / 'x.onnx'
+    assert _export_tool(args + ['--shape', '256', '320', '--end2end', '--out', str(out)]) == 2
+    assert re.search(message, capsys.readouterr().err, re.S)
+    assert not out.exists()
 
 
 def test_end2end_results_clamp_to_the_image_and_rescale():

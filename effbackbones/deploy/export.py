@@ -15,7 +15,7 @@ What is exported:
   (RetinaNet) -> backbone + neck + the head's raw ``cls_score_<l>`` / ``bbox_pred_<l>``, or with
   ``end2end=True`` the whole detector -> ``dets`` / ``labels`` (:mod:`.detection`); mmdet
   two-stage detector (Mask R-CNN) -> backbone + neck ``feat_<l>`` (RPN / RoI heads stay in
-  PyTorch, see :data:`.detection.MASK_RCNN_MESSAGE`).
+  PyTorch), or with ``end2end=True`` the whole Mask R-CNN -> ``dets`` / ``labels`` / ``masks``.
 
 Dynamic height / width (``dynamic=True``) is allowed for families whose forward has no
 size-dependent tables (SwiftFormer, Mobile-Former); a backbone with relative-position attention
@@ -46,7 +46,7 @@ RTOL = 1e-4
 #: the ONNX metadata key naming what a file holds (read by :mod:`.runtime`)
 PART_KEY = 'effbackbones.part'
 PARTS = ('backbone', 'segmentor', 'single_stage', 'single_stage_end2end',
-         'two_stage_features')
+         'two_stage_features', 'two_stage_end2end')
 
 
 class ExportError(ValueError):

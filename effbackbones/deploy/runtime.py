@@ -4,7 +4,8 @@
 in either runtime (CPU, float32). :func:`attach_runtime` makes an mmdet / mmseg model run the
 exported part of itself in the runtime while everything after it (mmseg's resize of the logits,
 mmdet's box decoding + NMS for a raw RetinaNet file, the Mask R-CNN RPN / RoI heads) stays in
-PyTorch; an end-to-end RetinaNet file only needs its boxes mapped back to the image, so
+PyTorch; an end-to-end RetinaNet / Mask R-CNN file only needs its boxes mapped back to the
+image (and its masks pasted into it), so
 ``tools/test.py CONFIG MODEL.onnx --backend onnxruntime`` evaluates with the config's own metric.
 """
 import os
@@ -121,6 +122,16 @@ def attach_runtime(model, path, backend='onnxruntime', threads=None, torch_weigh
                              f'builds a {type(model).__name__}')
         model.extract_feat = types.MethodType(lambda self, inputs: session(inputs), model)
         model.bbox_head.predict = end2end_results
+    elif part == 'two_stage_end2end':
+        if not hasattr(model, 'roi_head') or not model.roi_head.with_mask:
+            raise ValueError(f'{path} holds an end-to-end Mask R-CNN but the config builds a '
+                             f'{type(model).__name__}')
+        model.extract_feat = types.MethodType(lambda self, inputs: session(inputs), model)
+        # the proposals are inside the file: the RoI head gets the file's outputs instead
+        model.rpn_head.predict = lambda x, samples, rescale=False: [None] * len(samples)
+        roi_head = model.roi_head
+        model.roi_head.predict = lambda outs, _, samples, rescale=False: \
+            end2end_mask_results(roi_head, outs, samples, rescale)
     elif part == 'single_stage':
         if not hasattr(model, 'bbox_head') or hasattr(model, 'roi_head'):
             raise ValueError(f'{path} holds a single-stage detector but the config builds a '
@@ -165,6 +176,28 @@ def end2end_results(outs, batch_data_samples, rescale=True):
             boxes = boxes * boxes.new_tensor([1 / sw, 1 / sh]).repeat(2)
         results.append(InstanceData(bboxes=boxes, scores=dets[i, :, 4].clone(),
                                     labels=labels[i].clone()))
+    return results
+
+
+def end2end_mask_results(roi_head, outs, batch_data_samples, rescale=True):
+    """``roi_head.predict`` for an end-to-end Mask R-CNN file: :func:`end2end_results` of its
+    ``dets`` / ``labels``, and its ``masks`` (box-relative probabilities) pasted into the image
+    by the mask head's own ``_predict_by_feat_single`` (which rescales the boxes in place, as
+    in mmdet)."""
+    from mmdet.models.utils import empty_instances
+    dets, labels, masks = outs
+    results = end2end_results([dets, labels], batch_data_samples, rescale=False)
+    thr = roi_head.test_cfg.mask_thr_binary
+    for i, (res, sample) in enumerate(zip(results, batch_data_samples)):
+        if len(res) == 0:
+            results[i] = empty_instances([sample.metainfo], dets.device, task_type='mask',
+                                         instance_results=[res], mask_thr_binary=thr)[0]
+            continue
+        # the file already picked each box's class channel: index channel 0
+        res.masks = roi_head.mask_head._predict_by_feat_single(
+            mask_preds=masks[i][:, None], bboxes=res.bboxes,
+            labels=torch.zeros_like(res.labels), img_meta=sample.metainfo,
+            rcnn_test_cfg=roi_head.test_cfg, rescale=rescale, activate_map=True)
     return results
 
 
