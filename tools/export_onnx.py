@@ -9,8 +9,9 @@ to ONNX, then check the file in onnxruntime against PyTorch (fails above the tol
     # Mask R-CNN -> backbone + neck features (post-processing runs in PyTorch, tools/test.py)
     python tools/export_onnx.py --config configs/semfpn_swiftformer_l1.py \\
         --checkpoint work_dirs/semfpn_swiftformer_l1/iter_40000.pth --shape 512 512 --out semfpn.onnx
-    # the whole RetinaNet: image -> dets (1, K, 5) [x1, y1, x2, y2, score], labels (1, K),
-    # its NMS in the graph (ONNX NonMaxSuppression); static size, batch 1
+    # a whole detector: RetinaNet -> dets (1, K, 5) [x1, y1, x2, y2, score], labels (1, K);
+    # Mask R-CNN -> dets, labels, masks (1, K, 28, 28);
+    # NMS / RoIAlign in the graph (ONNX NonMaxSuppression / RoiAlign); static size, batch 1
     python tools/export_onnx.py --config configs/retinanet_mobileformer_26m.py \\
         --checkpoint epoch_12.pth --shape 800 1344 --end2end --out retinanet_end2end.onnx
 
@@ -40,8 +41,9 @@ def parse_args(argv=None):
     p.add_argument('--batch', type=int, default=1)
     p.add_argument('--dynamic', action='store_true', help='free batch / height / width')
     p.add_argument('--end2end', action='store_true',
-                   help='with --config of a single-stage detector (RetinaNet): the whole model '
-                        'with its post-processing, image -> dets, labels (static, batch 1)')
+                   help='with --config of a detector (RetinaNet, Mask R-CNN): the whole model '
+                        'with its post-processing, image -> dets, labels (, masks); static, '
+                        'batch 1')
     p.add_argument('--no-deploy', action='store_true',
                    help='export the eager backbone (BN not folded)')
     p.add_argument('--no-check', action='store_true', help='skip the onnxruntime parity check')
