@@ -291,8 +291,14 @@ class SingleStageEnd2End(nn.Module):
 
 class RoiPooling(nn.Module):
     """mmdet ``SingleRoIExtractor`` (RoIAlign avg): each box pooled from the level its size
-    selects (``floor(log2(sqrt(w h) / finest_scale + 1e-6))``, clamped); every level is pooled
-    and ``Where`` keeps the right one."""
+    selects (``floor(log2(sqrt(w h) / finest_scale + 1e-6))``, clamped).
+
+    ONNX ``RoiAlign`` takes one feature map, so every level pools every box, and ``Where`` keeps
+    each box's own level. On the other levels a box is replaced by a 1-pixel one: with
+    ``sampling_ratio`` 0 the samples per bin grow with the box size on the map, and a large box
+    pooled from the finest level would cost ~100x its own level's work for a result thrown
+    away; static shapes, no empty tensors.
+    """
 
     def __init__(self, extractor):
         super().__init__()
@@ -310,11 +316,13 @@ class RoiPooling(nn.Module):
         wh = boxes[:, 2:] - boxes[:, :2]
         level = torch.floor(torch.log2(torch.sqrt(wh[:, 0] * wh[:, 1]) / self.finest_scale
                                        + 1e-6)).clamp(min=0, max=len(self.layers) - 1)
+        pixel = torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device)
         pooled = None
         for i, args in enumerate(self.layers):
-            level_i = RoiAlign.apply(feats[i], boxes, *args)
+            own = level == i
+            level_i = RoiAlign.apply(feats[i], torch.where(own[:, None], boxes, pixel), *args)
             pooled = level_i if pooled is None else \
-                torch.where((level == i)[:, None, None, None], level_i, pooled)
+                torch.where(own[:, None, None, None], level_i, pooled)
         return pooled
 
 
