@@ -295,9 +295,9 @@ class RoiPooling(nn.Module):
 
     ONNX ``RoiAlign`` takes one feature map, so every level pools every box, and ``Where`` keeps
     each box's own level. On the other levels a box is replaced by a 1-pixel one: with
-    ``sampling_ratio`` 0 the samples per bin grow with the box size on the map, and a large box
-    pooled from the finest level would cost ~100x its own level's work for a result thrown
-    away; static shapes, no empty tensors.
+    ``sampling_ratio`` 0 the samples per bin grow with the box size on the map (a 400-pixel box:
+    15x15 per bin on the stride-4 map, 2x2 on its own stride-32 one) for a result thrown away.
+    Static shapes, no empty tensors.
     """
 
     def __init__(self, extractor):
