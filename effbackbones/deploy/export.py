@@ -399,8 +399,9 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
         deploy: call ``switch_to_deploy()`` on the backbone first (skipped if already done).
         check: run :func:`check_onnx_parity`; when it fails, the file is moved to
             ``*.parity-failed.onnx`` and :class:`ParityError` is raised.
-        end2end: a single-stage detector with its post-processing (image -> ``dets``,
-            ``labels``; :mod:`.detection`); other models are an :class:`ExportError`.
+        end2end: a detector with its post-processing (RetinaNet: image -> ``dets``,
+            ``labels``; Mask R-CNN: also ``masks``; :mod:`.detection`); other models are an
+            :class:`ExportError`.
 
     Returns the parity reports (empty when ``check`` is False).
     """
