@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Export an effbackbones backbone, or a whole Semantic FPN / the exportable part of a detector,
-to ONNX, then check the file in onnxruntime against PyTorch (fails above the tolerance).
+"""Export an effbackbones backbone, a whole Semantic FPN, or a detector (whole with --end2end, else
+its exportable part) to ONNX, then check the file in onnxruntime against PyTorch (fails above the
+tolerance).
 
     # a backbone in deploy form (BN folded), outputs out_<i> in out_indices order
     python tools/export_onnx.py --model SwiftFormer --arch l1 --checkpoint SwiftFormer_L1.pth \\
