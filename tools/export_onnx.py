@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Export an effbackbones backbone, or a whole Semantic FPN / the exportable part of a detector,
-to ONNX, then check the file in onnxruntime against PyTorch (fails above the tolerance).
+"""Export an effbackbones backbone, a whole Semantic FPN, or a detector (whole with --end2end, else
+its exportable part) to ONNX, then check the file in onnxruntime against PyTorch (fails above the
+tolerance).
 
     # a backbone in deploy form (BN folded), outputs out_<i> in out_indices order
     python tools/export_onnx.py --model SwiftFormer --arch l1 --checkpoint SwiftFormer_L1.pth \\
@@ -9,6 +10,11 @@ to ONNX, then check the file in onnxruntime against PyTorch (fails above the tol
     # Mask R-CNN -> backbone + neck features (post-processing runs in PyTorch, tools/test.py)
     python tools/export_onnx.py --config configs/semfpn_swiftformer_l1.py \\
         --checkpoint work_dirs/semfpn_swiftformer_l1/iter_40000.pth --shape 512 512 --out semfpn.onnx
+    # a whole detector: RetinaNet -> dets (1, K, 5) [x1, y1, x2, y2, score], labels (1, K);
+    # Mask R-CNN -> dets, labels, masks (1, K, 28, 28);
+    # NMS / RoIAlign in the graph (ONNX NonMaxSuppression / RoiAlign); static size, batch 1
+    python tools/export_onnx.py --config configs/retinanet_mobileformer_26m.py \\
+        --checkpoint epoch_12.pth --shape 800 1344 --end2end --out retinanet_end2end.onnx
 
 ``--dynamic`` makes batch, height and width free (SwiftFormer, MobileFormer); the families with
 relative-position attention biases (EfficientFormer v1 / V2, LeViT) are exported per size.
@@ -35,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument('--shape', type=int, nargs=2, required=True, metavar=('H', 'W'))
     p.add_argument('--batch', type=int, default=1)
     p.add_argument('--dynamic', action='store_true', help='free batch / height / width')
+    p.add_argument('--end2end', action='store_true',
+                   help='with --config of a detector (RetinaNet, Mask R-CNN): the whole model '
+                        'with its post-processing, image -> dets, labels (, masks); static, '
+                        'batch 1')
     p.add_argument('--no-deploy', action='store_true',
                    help='export the eager backbone (BN not folded)')
     p.add_argument('--no-check', action='store_true', help='skip the onnxruntime parity check')
@@ -63,7 +73,7 @@ def main(argv=None):
             meta = {'effbackbones.config': args.config}
         export(model, args.shape, args.out, batch=args.batch, dynamic=args.dynamic,
                deploy=not args.no_deploy, check=not args.no_check, opset=args.opset or OPSET,
-               metadata=meta)
+               metadata=meta, end2end=args.end2end)
     except (ExportError, CheckpointError) as exc:
         print(f'export_onnx: {exc}', file=sys.stderr)
         return 2

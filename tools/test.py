@@ -15,7 +15,9 @@ stops with an error naming every missing, unexpected or shape-mismatched tensor,
 evaluated with partly random weights (``--load-not-strict`` opts out).
 
 ``--backend`` runs a file of tools/export_onnx.py --config in that runtime, the post-processing
-in PyTorch (effbackbones.deploy.attach_runtime; docs/deploy.md).
+in PyTorch (effbackbones.deploy.attach_runtime; docs/deploy.md); an ``--end2end`` RetinaNet
+or Mask R-CNN file holds its post-processing too (PyTorch only maps the boxes back to the image
+and pastes the masks).
 """
 import argparse
 import os.path as osp

@@ -12,9 +12,10 @@ What is exported:
   the maps of ``out_indices``, in that order.
 * ``--config CFG``: mmseg ``EncoderDecoder`` -> image to ``seg_logits`` (backbone + neck +
   decode head; the resize to the image and argmax stay in PyTorch); mmdet single-stage detector
-  (RetinaNet) -> backbone + neck + the head's raw ``cls_score_<l>`` / ``bbox_pred_<l>``; mmdet
+  (RetinaNet) -> backbone + neck + the head's raw ``cls_score_<l>`` / ``bbox_pred_<l>``, or with
+  ``end2end=True`` the whole detector -> ``dets`` / ``labels`` (:mod:`.detection`); mmdet
   two-stage detector (Mask R-CNN) -> backbone + neck ``feat_<l>`` (RPN / RoI heads stay in
-  PyTorch: their NMS / RoIAlign post-processing is data dependent).
+  PyTorch), or with ``end2end=True`` the whole Mask R-CNN -> ``dets`` / ``labels`` / ``masks``.
 
 Dynamic height / width (``dynamic=True``) is allowed for families whose forward has no
 size-dependent tables (SwiftFormer, Mobile-Former); a backbone with relative-position attention
@@ -23,7 +24,7 @@ export one static file per input size.
 
 After writing the file, :func:`check_onnx_parity` runs it in onnxruntime on a random input and
 raises :class:`ParityError` when an output is outside the reference-pack tolerance
-``|out - ref| <= 2e-4 * max|ref| + 1e-4 * |ref|``.
+``|out - ref| <= 2e-4 * max|ref| + 1e-4 * |ref|`` (detections: the part's own ``compare``).
 """
 import contextlib
 import os
@@ -46,7 +47,8 @@ ATOL_OF_MAX = 2e-4
 RTOL = 1e-4
 #: the ONNX metadata key naming what a file holds (read by :mod:`.runtime`)
 PART_KEY = 'effbackbones.part'
-PARTS = ('backbone', 'segmentor', 'single_stage', 'two_stage_features')
+PARTS = ('backbone', 'segmentor', 'single_stage', 'single_stage_end2end',
+         'two_stage_features', 'two_stage_end2end')
 
 
 class ExportError(ValueError):
@@ -333,7 +335,8 @@ def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None):
     with torch.no_grad():
         ref = part(dummy)
         names = part.output_names(len(ref))
-        dynamic_axes = None
+        # outputs whose size depends on the data (the end-to-end detector's K)
+        dynamic_axes = dict(getattr(part, 'output_dynamic_axes', {})) or None
         if dynamic:
             dynamic_axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
             dynamic_axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'}
@@ -364,11 +367,13 @@ def check_onnx_parity(path, part, inputs, backend='onnxruntime', threads=None):
     :class:`ParityError` naming the outputs that are off. Returns the reports."""
     from .runtime import RuntimeSession
     session = RuntimeSession(path, backend, threads=threads)
+    # a part with outputs of data-dependent order (detections) brings its own comparison
+    part_compare = getattr(part, 'compare', compare)
     reports = []
     for x in inputs:
         with torch.no_grad():
             ref = part(x)
-        ok, report = compare(session(x), ref, session.output_names)
+        ok, report = part_compare(session(x), ref, session.output_names)
         shape = 'x'.join(map(str, x.shape))
         reports.append(f'[{backend} vs PyTorch, input {shape}]\n{report}')
         if not ok:
@@ -391,7 +396,7 @@ def parity_inputs(in_channels, shape, batch, dynamic, size_divisor=32, seed=0):
 
 
 def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, opset=OPSET,
-           metadata=None, log=print):
+           metadata=None, end2end=False, log=print):
     """Export a backbone or an mm model (see the module docstring) and check it in onnxruntime.
 
     Args:
@@ -401,6 +406,9 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
         deploy: call ``switch_to_deploy()`` on the backbone first (skipped if already done).
         check: run :func:`check_onnx_parity`; when it fails, the file is moved to
             ``*.parity-failed.onnx`` and :class:`ParityError` is raised.
+        end2end: a detector with its post-processing (RetinaNet: image -> ``dets``,
+            ``labels``; Mask R-CNN: also ``masks``; :mod:`.detection`); other models are an
+            :class:`ExportError`.
 
     Returns the parity reports (empty when ``check`` is False).
     """
@@ -412,7 +420,11 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
         # the attention biases of this size become graph constants computed by PyTorch (no
         # gather / bicubic resize of the tables in the graph); nothing to pin elsewhere
         backbone.pin_attention_biases(tuple(int(s) for s in shape))
-    part = exportable_part(model).eval()
+    if end2end:
+        from .detection import end2end_part
+        part = end2end_part(model, shape, batch, dynamic).eval()
+    else:
+        part = exportable_part(model).eval()
     inputs = parity_inputs(backbone.in_channels, shape, batch, dynamic, backbone.size_divisor)
     export_module(part, inputs[0], out, dynamic=dynamic, opset=opset, metadata=metadata)
     log(f'wrote {out} ({part.part}, input {"x".join(map(str, inputs[0].shape))}'

@@ -3,7 +3,9 @@
 :class:`RuntimeSession` is a callable ``torch.Tensor -> list[torch.Tensor]`` over one ONNX file
 in either runtime (CPU, float32). :func:`attach_runtime` makes an mmdet / mmseg model run the
 exported part of itself in the runtime while everything after it (mmseg's resize of the logits,
-mmdet's box decoding + NMS, the Mask R-CNN RPN / RoI heads) stays in PyTorch, so
+mmdet's box decoding + NMS for a raw RetinaNet file, the Mask R-CNN RPN / RoI heads) stays in
+PyTorch; an end-to-end RetinaNet / Mask R-CNN file only needs its boxes mapped back to the
+image (and its masks pasted into it), so
 ``tools/test.py CONFIG MODEL.onnx --backend onnxruntime`` evaluates with the config's own metric.
 """
 import os
@@ -114,6 +116,22 @@ def attach_runtime(model, path, backend='onnxruntime', threads=None, torch_weigh
         model.extract_feat = types.MethodType(lambda self, inputs: session(inputs)[0], model)
         # the file already ends with the decode head: its forward passes the logits through
         model.decode_head.forward = lambda logits: logits
+    elif part == 'single_stage_end2end':
+        if not hasattr(model, 'bbox_head') or hasattr(model, 'roi_head'):
+            raise ValueError(f'{path} holds an end-to-end single-stage detector but the config '
+                             f'builds a {type(model).__name__}')
+        model.extract_feat = types.MethodType(lambda self, inputs: session(inputs), model)
+        model.bbox_head.predict = end2end_results
+    elif part == 'two_stage_end2end':
+        if not hasattr(model, 'roi_head') or not model.roi_head.with_mask:
+            raise ValueError(f'{path} holds an end-to-end Mask R-CNN but the config builds a '
+                             f'{type(model).__name__}')
+        model.extract_feat = types.MethodType(lambda self, inputs: session(inputs), model)
+        # the proposals are inside the file: the RoI head gets the file's outputs instead
+        model.rpn_head.predict = lambda x, samples, rescale=False: [None] * len(samples)
+        roi_head = model.roi_head
+        model.roi_head.predict = lambda outs, _, samples, rescale=False: \
+            end2end_mask_results(roi_head, outs, samples, rescale)
     elif part == 'single_stage':
         if not hasattr(model, 'bbox_head') or hasattr(model, 'roi_head'):
             raise ValueError(f'{path} holds a single-stage detector but the config builds a '
@@ -134,6 +152,53 @@ def attach_runtime(model, path, backend='onnxruntime', threads=None, torch_weigh
                              f'CHECKPOINT.pth')
         model.extract_feat = types.MethodType(lambda self, inputs: tuple(session(inputs)), model)
     return session
+
+
+def end2end_results(outs, batch_data_samples, rescale=True):
+    """``bbox_head.predict`` for an end-to-end file: its ``dets`` / ``labels`` (exported input
+    pixels) as mmdet's ``InstanceData``, boxes clamped to the sample's ``img_shape`` and, with
+    ``rescale``, divided by its ``scale_factor`` (mmdet's ``scale_boxes``)."""
+    from mmengine.structures import InstanceData
+    dets, labels = outs
+    if len(batch_data_samples) != dets.shape[0]:
+        raise ValueError(f'{len(batch_data_samples)} images in the batch, the file returned '
+                         f'detections for {dets.shape[0]}')
+    results = []
+    for i, sample in enumerate(batch_data_samples):
+        meta = sample.metainfo
+        boxes = dets[i, :, :4].clone()
+        h, w = meta['img_shape'][:2]
+        # the graph clamps to the (padded) input; mmdet clamps to the image inside it
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=h)
+        if rescale:
+            sw, sh = meta['scale_factor']
+            boxes = boxes * boxes.new_tensor([1 / sw, 1 / sh]).repeat(2)
+        results.append(InstanceData(bboxes=boxes, scores=dets[i, :, 4].clone(),
+                                    labels=labels[i].clone()))
+    return results
+
+
+def end2end_mask_results(roi_head, outs, batch_data_samples, rescale=True):
+    """``roi_head.predict`` for an end-to-end Mask R-CNN file: :func:`end2end_results` of its
+    ``dets`` / ``labels``, and its ``masks`` (box-relative probabilities) pasted into the image
+    by the mask head's own ``_predict_by_feat_single`` (which rescales the boxes in place, as
+    in mmdet)."""
+    from mmdet.models.utils import empty_instances
+    dets, labels, masks = outs
+    results = end2end_results([dets, labels], batch_data_samples, rescale=False)
+    thr = roi_head.test_cfg.mask_thr_binary
+    for i, (res, sample) in enumerate(zip(results, batch_data_samples)):
+        if len(res) == 0:
+            results[i] = empty_instances([sample.metainfo], dets.device, task_type='mask',
+                                         instance_results=[res], mask_thr_binary=thr)[0]
+            continue
+        # the file already picked each box's class channel: index channel 0
+        res.masks = roi_head.mask_head._predict_by_feat_single(
+            mask_preds=masks[i][:, None], bboxes=res.bboxes,
+            labels=torch.zeros_like(res.labels), img_meta=sample.metainfo,
+            rcnn_test_cfg=roi_head.test_cfg, rescale=rescale, activate_map=True)
+    return results
 
 
 __all__ = ['BACKENDS', 'RuntimeSession', 'attach_runtime', 'read_metadata']
