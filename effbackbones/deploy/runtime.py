@@ -36,12 +36,9 @@ class RuntimeSession:
         backend: ``'onnxruntime'`` or ``'openvino'``.
         threads: intra-op threads (default: the runtime's own choice). OpenVINO is pinned to
             float32 inference: on CPUs with AMX / AVX512-BF16 its default would be bfloat16.
-        spin: let onnxruntime's threads spin between runs (its default: lowest latency when it
-            owns the cores; ``False`` when other work shares them, e.g. a side-by-side
-            benchmark, where spinning threads slow the others down).
     """
 
-    def __init__(self, path, backend='onnxruntime', threads=None, spin=True):
+    def __init__(self, path, backend='onnxruntime', threads=None):
         if backend not in BACKENDS:
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
         if not os.path.isfile(path):
@@ -56,8 +53,6 @@ class RuntimeSession:
             if threads:
                 opts.intra_op_num_threads = int(threads)
                 opts.inter_op_num_threads = 1
-            if not spin:
-                opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
             self._sess = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
             self.output_names = [o.name for o in self._sess.get_outputs()]
             self._input_name = self._sess.get_inputs()[0].name
