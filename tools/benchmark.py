@@ -145,8 +145,9 @@ def _sync(device):
 
 def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=1):
     """Warm every variant up (failures recorded), then time them interleaved: rounds in
-    which each variant (in a new random order), after ``pause`` idle, makes ``burst`` timed calls back to back (with
-    ``burst > 1`` one untimed call first, so a burst times the steady state)."""
+    which each variant (in a new random order), after ``pause`` idle, makes ``burst`` timed
+    calls back to back (with ``burst > 1`` one untimed call first, so a burst times the steady
+    state)."""
     times, diffs, errors = {}, {}, {}
     ref = None
     runnable = []
@@ -170,10 +171,10 @@ def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=
             diffs[n] = (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
             times[n] = []
             runnable.append((n, m))
-        rounds = random.Random(0)
+        order_rng = random.Random(0)
         while any(len(t) < repeats for t in times.values()):
             # a new order every round: no variant always follows the same one
-            for n, m in rounds.sample(runnable, len(runnable)):
+            for n, m in order_rng.sample(runnable, len(runnable)):
                 # a pause first: the previous runtime's worker threads spin a while after a
                 # run, and would take the cores of the variant timed next
                 time.sleep(pause)

@@ -234,7 +234,16 @@ def _level_sizes(detector, head_forward, input_hw):
     return [c.shape[-2:] for c in cls_scores], param.device
 
 
-class SingleStageEnd2End(nn.Module):
+class End2EndDetector(nn.Module):
+    """What the two end-to-end detector parts share: the export check compares detections as
+    sets (:func:`compare_detections`), their order being data dependent."""
+
+    def compare(self, outs, refs, names=None):
+        """``(ok, report)`` for the export check."""
+        return compare_detections(outs, refs)
+
+
+class SingleStageEnd2End(End2EndDetector):
     """mmdet single-stage anchor detector (RetinaNet) with its post-processing: image ->
     ``dets (1, K, 5)``, ``labels (1, K)`` (module docstring). Built for one input size
     ``(H, W)``, batch 1."""
@@ -269,10 +278,6 @@ class SingleStageEnd2End(nn.Module):
 
     def output_names(self, num_outputs):
         return ['dets', 'labels']
-
-    def compare(self, outs, refs, names=None):
-        """``(ok, report)`` for the export check: see :func:`compare_detections`."""
-        return compare_detections(outs, refs)
 
     def forward(self, x):
         cls_scores, bbox_preds = self.model.bbox_head.forward(self.model.extract_feat(x))
@@ -326,7 +331,7 @@ class RoiPooling(nn.Module):
         return pooled
 
 
-class TwoStageEnd2End(nn.Module):
+class TwoStageEnd2End(End2EndDetector):
     """mmdet two-stage detector (Mask R-CNN: RPN + StandardRoIHead with a box and a mask head)
     with its post-processing: image -> ``dets (1, K, 5)``, ``labels (1, K)``, ``masks (1, K, M,
     M)`` (module docstring). Built for one input size ``(H, W)``, batch 1."""
@@ -368,9 +373,6 @@ class TwoStageEnd2End(nn.Module):
 
     def output_names(self, num_outputs):
         return ['dets', 'labels', 'masks']
-
-    def compare(self, outs, refs, names=None):
-        return compare_detections(outs, refs)
 
     def proposals(self, feats):
         """RPN: ``(P, 4)`` proposals by descending score."""
