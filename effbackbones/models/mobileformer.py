@@ -491,22 +491,20 @@ class Stem(nn.Sequential):
 
 # (kind, e1, out channels, stride, e2) per block, as the authors' ``dna_blocks`` tables
 # ``[b, e1, c, n=1, s, e2]`` with DnaBlock -> 'pw-dw-pw' and DnaBlock3 -> 'dw-pw-dw-pw'.
-_A, _B = PW_DW_PW, DW_PW_DW_PW
-
-
 def _large(c0, c1, c2, c3, c4, c5, e_1=3, e_1b=3, e_2=3, e_2b=3):
     """The 12-block layout of 151M-508M (strides 2, 4, 4, 8, 8, 16 x4, 32 x3)."""
-    return [(_B, 2, c0, 1, 0),
-            (_B, 6, c1, 2, 4), (_A, e_1, c1, 1, e_1b),
-            (_B, 6, c2, 2, 4), (_A, e_2, c2, 1, e_2b),
-            (_B, 6, c3, 2, 4), (_A, 4, c3, 1, 4), (_A, 6, c4, 1, 4), (_A, 6, c4, 1, 4),
-            (_B, 6, c5, 2, 4), (_A, 6, c5, 1, 4), (_A, 6, c5, 1, 4)]
+    return [(DW_PW_DW_PW, 2, c0, 1, 0),
+            (DW_PW_DW_PW, 6, c1, 2, 4), (PW_DW_PW, e_1, c1, 1, e_1b),
+            (DW_PW_DW_PW, 6, c2, 2, 4), (PW_DW_PW, e_2, c2, 1, e_2b),
+            (DW_PW_DW_PW, 6, c3, 2, 4), (PW_DW_PW, 4, c3, 1, 4),
+            (PW_DW_PW, 6, c4, 1, 4), (PW_DW_PW, 6, c4, 1, 4),
+            (DW_PW_DW_PW, 6, c5, 2, 4), (PW_DW_PW, 6, c5, 1, 4), (PW_DW_PW, 6, c5, 1, 4)]
 
 
-_SMALL_BLOCKS = [(_B, 3, 12, 2, 0), (_A, 3, 12, 1, 3),
-                 (_B, 6, 24, 2, 4), (_A, 3, 24, 1, 3),
-                 (_B, 6, 48, 2, 4), (_A, 4, 48, 1, 4), (_A, 6, 64, 1, 4),
-                 (_B, 6, 96, 2, 4), (_A, 6, 96, 1, 4)]
+_SMALL_BLOCKS = [(DW_PW_DW_PW, 3, 12, 2, 0), (PW_DW_PW, 3, 12, 1, 3),
+                 (DW_PW_DW_PW, 6, 24, 2, 4), (PW_DW_PW, 3, 24, 1, 3),
+                 (DW_PW_DW_PW, 6, 48, 2, 4), (PW_DW_PW, 4, 48, 1, 4), (PW_DW_PW, 6, 64, 1, 4),
+                 (DW_PW_DW_PW, 6, 96, 2, 4), (PW_DW_PW, 6, 96, 1, 4)]
 
 
 @MODELS.register_module()
@@ -548,11 +546,11 @@ class MobileFormer(BaseDenseBackbone):
                     groups=4),
         '52m': dict(stem_channels=8, blocks=_SMALL_BLOCKS, token_num=3, token_dim=128),
         '96m': dict(stem_channels=12, token_num=4, token_dim=128, blocks=[
-            (_B, 2, 12, 1, 0),
-            (_B, 6, 16, 2, 4),
-            (_B, 6, 32, 2, 4), (_A, 3, 32, 1, 3),
-            (_B, 6, 64, 2, 4), (_A, 4, 64, 1, 4), (_A, 6, 88, 1, 4),
-            (_B, 6, 128, 2, 4), (_A, 6, 128, 1, 4)]),
+            (DW_PW_DW_PW, 2, 12, 1, 0),
+            (DW_PW_DW_PW, 6, 16, 2, 4),
+            (DW_PW_DW_PW, 6, 32, 2, 4), (PW_DW_PW, 3, 32, 1, 3),
+            (DW_PW_DW_PW, 6, 64, 2, 4), (PW_DW_PW, 4, 64, 1, 4), (PW_DW_PW, 6, 88, 1, 4),
+            (DW_PW_DW_PW, 6, 128, 2, 4), (PW_DW_PW, 6, 128, 1, 4)]),
         '151m': dict(stem_channels=12, token_num=6, token_dim=192,
                      blocks=_large(12, 16, 32, 64, 88, 128)),
         '214m': dict(stem_channels=12, token_num=6, token_dim=192,
