@@ -172,6 +172,19 @@ class BaseDenseBackbone(BaseModule):
                 f'{x.shape[2]}x{x.shape[3]}. Pad the batch (mmdet/mmseg data_preprocessor: '
                 f'pad_size_divisor={d} / size_divisor={d}) or resize.')
 
+    def forward_stages(self, x, out_norms=None):
+        """Run ``self.stages`` in order on the stem's output ``x``; return the maps of the stages
+        in ``out_indices`` (each through ``out_norms[i]`` when given), stopping after the last
+        one wanted (later stages are never computed)."""
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(out_norms[i](x) if out_norms is not None else x)
+            if i >= self.out_indices[-1]:
+                break
+        return tuple(outs)
+
     @property
     def out_channels(self):
         """Channels of each returned map (in ``out_indices`` order)."""

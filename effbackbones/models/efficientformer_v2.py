@@ -391,15 +391,7 @@ class EfficientFormerV2(BaseDenseBackbone):
 
     def forward(self, x):
         self.check_input(x)
-        x = self.stem(x)
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                outs.append(x)
-            if i >= self.out_indices[-1]:
-                break
-        return tuple(outs)
+        return self.forward_stages(self.stem(x))
 
     # ---------------------------------------------------------------------------------------
     # checkpoints

@@ -241,15 +241,7 @@ class SwiftFormer(BaseDenseBackbone):
 
     def forward(self, x):
         self.check_input(x)
-        x = self.stem(x)
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                outs.append(self.out_norms[i](x))
-            if i >= self.out_indices[-1]:
-                break
-        return tuple(outs)
+        return self.forward_stages(self.stem(x), self.out_norms)
 
     # ---------------------------------------------------------------------------------------
     def checkpoint_filter_fn(self, state_dict):
