@@ -110,10 +110,12 @@ def main(argv=None):
     if args.backend:
         from effbackbones.deploy import attach_runtime
         try:
-            attach_runtime(runner.model, args.checkpoint, args.backend,
-                           torch_weights=args.torch_weights, precision=args.precision)
+            session = attach_runtime(runner.model, args.checkpoint, args.backend,
+                                     torch_weights=args.torch_weights, precision=args.precision)
         except (ValueError, FileNotFoundError) as exc:
             raise SystemExit(str(exc)) from None
+        runner.logger.info(f'{args.checkpoint} ({session.part}) runs in {args.backend}, '
+                           f'{session.precision} inference')
     runner.test()
 
 
