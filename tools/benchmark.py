@@ -19,8 +19,8 @@ images runs; ``--burst 1`` times only calls that follow the idle pause, which is
 every runtime); reported: median
 and p90 of per-call wall time (the runtimes' numpy conversions included), the speed-up over
 eager, the max abs difference of the outputs to eager relative to max|eager|, and the share of
-the machine's float32 peak: ``2 * MACs / latency`` over the rate of a large float32 matrix
-multiply measured at start in this process with the same threads (MACs counted as
+the machine's peak: ``2 * MACs / latency`` over the rate of a large matrix multiply in
+``--dtype`` measured at start in this process with the same threads (MACs counted as
 tools/get_flops.py counts them, on the eager model). A runtime that fails to build or run (e.g.
 ``torch.compile`` without a working compiler) is reported in its row, not fatal.
 
