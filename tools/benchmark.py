@@ -7,6 +7,7 @@ and the deploy model exported to ONNX and run in onnxruntime and OpenVINO.
     python tools/benchmark.py --model LeViT --arch 128s --shape 800 1344 --runtimes eager onnxruntime
     python tools/benchmark.py --all --shape 224 224 --repeats 20 --out docs/benchmark_cpu.md
     python tools/benchmark.py --model SwiftFormer --device cuda --dtype float16   # eager / deploy / compile
+    python tools/benchmark.py --model SwiftFormer --arch l1 --dtype bfloat16 --threads 2
 
 For every variant: one model with random weights (BN statistics randomised so folding is not
 trivial), then copies: eager, deploy, plus family-specific alternatives (e.g. LeViT ``attn_impl``)
@@ -18,10 +19,18 @@ images runs; ``--burst 1`` times only calls that follow the idle pause, which is
 every runtime); reported: median
 and p90 of per-call wall time (the runtimes' numpy conversions included), the speed-up over
 eager, the max abs difference of the outputs to eager relative to max|eager|, and the share of
-the machine's float32 peak: ``2 * MACs / latency`` over the rate of a large float32 matrix
-multiply measured at start in this process with the same threads (MACs counted as
+the machine's peak: ``2 * MACs / latency`` over the rate of a large matrix multiply in
+``--dtype`` measured at start in this process with the same threads (MACs counted as
 tools/get_flops.py counts them, on the eager model). A runtime that fails to build or run (e.g.
 ``torch.compile`` without a working compiler) is reported in its row, not fatal.
+
+``--dtype bfloat16`` on the CPU: eager / deploy / compile run the model converted to bfloat16;
+OpenVINO runs the float32 ONNX file with bfloat16 inference (``RuntimeSession(...,
+precision='bfloat16')``, CPUs with native bf16 only: elsewhere its row says why it did not run),
+fed the same bfloat16-rounded input as float32; onnxruntime has no bfloat16 CPU execution and
+its row says so. ``max rel diff`` is then to eager *bfloat16*; an extra last column gives each
+runtime's max abs difference to the float32 eager model on that input, relative to its max (what
+a user comparing with the float32 model sees).
 """
 import argparse
 import copy
@@ -107,14 +116,16 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
         try:
             variants.append(('torch.compile', torch.compile(copy.deepcopy(dep)), None))
         except Exception as exc:     # noqa: BLE001 - reported in the table
-            variants.append(('torch.compile', None, _short(exc)))
+            variants.append(('torch.compile', None, f'failed: {_short(exc)}'))
     onnx_runtimes = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
-    if onnx_runtimes and x.device.type == 'cpu' and x.dtype == torch.float32:
+    if onnx_runtimes and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16):
         from effbackbones.deploy.export import BackboneMaps, export_module
         from effbackbones.deploy.runtime import RuntimeSession
+        precision = 'bfloat16' if x.dtype == torch.bfloat16 else 'float32'
         path = osp.join(tmpdir or tempfile.mkdtemp(), f'{cls.__name__}_{arch}.onnx')
         try:
-            export_module(BackboneMaps(copy.deepcopy(dep)), x, path)
+            # the file is float32 in any case (bfloat16 is an inference setting of OpenVINO)
+            export_module(BackboneMaps(copy.deepcopy(dep)), x.float(), path)
             error = None
         except Exception as exc:     # noqa: BLE001
             error = f'export failed: {_short(exc)}'
@@ -126,10 +137,13 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
                 # onnxruntime's default spinning, as deployed: the pause before each turn
                 # lets its threads stop before the next variant runs (measured: eager times
                 # the same after an onnxruntime burst as after idling)
-                variants.append((rt, RuntimeSession(path, rt, threads=threads),
-                                 None))
+                variants.append((rt, RuntimeSession(path, rt, threads=threads,
+                                                    precision=precision), None))
+            except ValueError as exc:
+                # a precision this runtime / CPU cannot run: the session says why
+                variants.append((rt, None, f'not run: {str(exc).splitlines()[0]}'))
             except Exception as exc:     # noqa: BLE001
-                variants.append((rt, None, _short(exc)))
+                variants.append((rt, None, f'failed: {_short(exc)}'))
     return variants
 
 
@@ -143,12 +157,26 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=1):
+def reference_outputs(model, x):
+    """The outputs of ``model`` (float32) on ``x`` converted to float32, flattened into one
+    vector: the float32 baseline of a reduced-precision run."""
+    with torch.inference_mode():
+        outs = _as_tuple(model.to(device=x.device, dtype=torch.float32)(x.float()))
+    return torch.cat([o.float().flatten() for o in outs])
+
+
+def _rel_diff(out, ref):
+    return (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+
+
+def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=1,
+                  ref32=None):
     """Warm every variant up (failures recorded), then time them interleaved: rounds in
     which each variant (in a new random order), after ``pause`` idle, makes ``burst`` timed
     calls back to back (with ``burst > 1`` one untimed call first, so a burst times the steady
-    state)."""
-    times, diffs, errors = {}, {}, {}
+    state). Returns the times, each variant's max rel diff to the first (eager), its max rel
+    diff to ``ref32`` (:func:`reference_outputs`; empty without it) and the errors."""
+    times, diffs, diffs32, errors = {}, {}, {}, {}
     ref = None
     runnable = []
     with torch.inference_mode():
@@ -163,12 +191,14 @@ def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=
                     outs = _as_tuple(m(x))
                 _sync(device)
             except Exception as exc:     # noqa: BLE001 - reported in the table
-                errors[n] = _short(exc)
+                errors[n] = f'failed: {_short(exc)}'
                 continue
             out = torch.cat([o.float().flatten() for o in outs])
             if ref is None:
                 ref = out
-            diffs[n] = (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+            diffs[n] = _rel_diff(out, ref)
+            if ref32 is not None:
+                diffs32[n] = _rel_diff(out, ref32)
             times[n] = []
             runnable.append((n, m))
         order_rng = random.Random(0)
@@ -186,7 +216,7 @@ def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=
                     m(x)
                     _sync(device)
                     times[n].append(time.perf_counter() - t)
-    return times, diffs, errors
+    return times, diffs, diffs32, errors
 
 
 def gemm_rate(device='cpu', dtype=torch.float32, n=2048, repeats=10):
@@ -247,9 +277,19 @@ def main(argv=None):
               f'({machine}), {", ".join(versions)}, median of {args.repeats} (p90), interleaved'
               f'{f" in bursts of {args.burst} back-to-back calls" if args.burst > 1 else ""}; '
               f'{args.dtype} GEMM rate {peak / 1e9:.0f} GFLOP/s; load average at start '
-              f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
-    lines = [header, '', '| model | arch | runtime | median ms | p90 ms | vs eager | '
-             '% of GEMM peak | max rel diff |', '|---|---|---|---|---|---|---|---|']
+              f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; max rel diff: max|out - '
+              f'eager| / max|eager|, eager in {args.dtype}')
+    reduced = dtype != torch.float32
+    if reduced:
+        header += (f'; to float32 eager: the same against the float32 eager model on the same '
+                   f'({args.dtype}-rounded) input')
+        if args.device == 'cpu' and dtype == torch.bfloat16:
+            header += ('; openvino: the float32 ONNX file with bfloat16 inference '
+                       '(INFERENCE_PRECISION_HINT bf16)')
+    columns = ['model', 'arch', 'runtime', 'median ms', 'p90 ms', 'vs eager', '% of GEMM peak',
+               'max rel diff'] + (['max rel diff to float32 eager'] if reduced else [])
+    empty = ' |' * (len(columns) - 4)
+    lines = [header, '', '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmpdir:
         for cls, arch in jobs:
@@ -257,23 +297,28 @@ def main(argv=None):
             variants = build_variants(cls, arch, x, args.runtimes, not args.no_alternatives,
                                       args.threads, tmpdir)
             macs = model_macs(variants[0][1], x)
-            times, diffs, errors = time_variants(variants, x, args.repeats, args.warmup,
-                                                 args.device, dtype, args.pause_ms / 1e3,
-                                                 args.burst)
+            # before time_variants converts the eager model to the dtype
+            ref32 = reference_outputs(variants[0][1], x) if reduced else None
+            times, diffs, diffs32, errors = time_variants(
+                variants, x, args.repeats, args.warmup, args.device, dtype,
+                args.pause_ms / 1e3, args.burst, ref32)
             # the best GEMM rate seen (before and after each model): on a shared machine one
             # measurement can land in a busy moment
             peak = max(peak, gemm_rate(args.device, dtype))
             eager = statistics.median(times['eager'])
-            lines.append(f'| (GEMM peak so far: {peak / 1e9:.0f} GFLOP/s) | | | | | | | |')
+            lines.append(f'| (GEMM peak so far: {peak / 1e9:.0f} GFLOP/s) |' + ' |' * (
+                len(columns) - 1))
             for n, _, _ in variants:
                 if n in errors:
-                    row = f'| {cls.__name__} | {arch} | {n} | failed: {errors[n]} | | | | |'
+                    row = f'| {cls.__name__} | {arch} | {n} | {errors[n]} |{empty}'
                 else:
                     med = statistics.median(times[n])
                     p90 = sorted(times[n])[max(0, int(0.9 * len(times[n])) - 1)]
                     pct = f'{100 * 2 * macs / med / peak:.1f}%' if macs else 'n/a'
                     row = (f'| {cls.__name__} | {arch} | {n} | {med * 1e3:.2f} | '
                            f'{p90 * 1e3:.2f} | {eager / med:.2f}x | {pct} | {diffs[n]:.1e} |')
+                    if reduced:
+                        row += f' {diffs32[n]:.1e} |'
                 lines.append(row)
                 print(row, flush=True)
     if args.out:

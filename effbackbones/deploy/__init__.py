@@ -3,8 +3,8 @@
 from .export import (OPSET, ExportError, ParityError, build_backbone, build_from_config,
                      check_onnx_parity, check_request, compare, export, export_module,
                      exportable_part)
-from .runtime import BACKENDS, RuntimeSession, attach_runtime
+from .runtime import BACKENDS, PRECISIONS, RuntimeSession, attach_runtime
 
-__all__ = ['OPSET', 'BACKENDS', 'ExportError', 'ParityError', 'RuntimeSession',
+__all__ = ['OPSET', 'BACKENDS', 'PRECISIONS', 'ExportError', 'ParityError', 'RuntimeSession',
            'attach_runtime', 'build_backbone', 'build_from_config', 'check_onnx_parity',
            'check_request', 'compare', 'export', 'export_module', 'exportable_part']

@@ -1,12 +1,13 @@
 """Running exported ONNX files in onnxruntime or OpenVINO, and plugging them into mm models.
 
 :class:`RuntimeSession` is a callable ``torch.Tensor -> list[torch.Tensor]`` over one ONNX file
-in either runtime (CPU, float32). :func:`attach_runtime` makes an mmdet / mmseg model run the
-exported part of itself in the runtime while everything after it (mmseg's resize of the logits,
-mmdet's box decoding + NMS for a raw RetinaNet file, the Mask R-CNN RPN / RoI heads) stays in
-PyTorch; an end-to-end RetinaNet / Mask R-CNN file only needs its boxes mapped back to the
-image (and its masks pasted into it), so
-``tools/test.py CONFIG MODEL.onnx --backend onnxruntime`` evaluates with the config's own metric.
+in either runtime (CPU, float32; or bfloat16 inference in OpenVINO on a CPU with native bf16).
+:func:`attach_runtime` makes an mmdet / mmseg model run the exported part of itself in the
+runtime while everything after it (mmseg's resize of the logits, mmdet's box decoding + NMS for
+a raw RetinaNet file, the Mask R-CNN RPN / RoI heads) stays in PyTorch; an end-to-end
+RetinaNet / Mask R-CNN file only needs its boxes mapped back to the image (and its masks pasted
+into it), so ``tools/test.py CONFIG MODEL.onnx --backend onnxruntime`` evaluates with the
+config's own metric.
 """
 import os
 import types
@@ -17,6 +18,8 @@ import torch
 from .export import PART_KEY, PARTS
 
 BACKENDS = ('onnxruntime', 'openvino')
+#: inference precisions of :class:`RuntimeSession` (the file and its inputs / outputs stay float32)
+PRECISIONS = ('float32', 'bfloat16')
 
 
 def read_metadata(path):
@@ -29,21 +32,37 @@ def read_metadata(path):
 
 
 class RuntimeSession:
-    """One ONNX file in ``backend`` (CPU, float32).
+    """One ONNX file in ``backend`` on the CPU; float32 numpy in and out.
 
     Args:
-        path: the .onnx file.
+        path: the .onnx file (exported in float32).
         backend: ``'onnxruntime'`` or ``'openvino'``.
-        threads: intra-op threads (default: the runtime's own choice). OpenVINO is pinned to
-            float32 inference: on CPUs with AMX / AVX512-BF16 its default would be bfloat16.
+        threads: intra-op threads (default: the runtime's own choice).
+        precision: ``'float32'`` (default), or ``'bfloat16'``: OpenVINO only, on a CPU with
+            native bf16 (e.g. AVX512-BF16 / AMX), which OpenVINO reports as ``'BF16'`` in
+            ``OPTIMIZATION_CAPABILITIES``. OpenVINO then runs the float32 file's convolutions,
+            matrix multiplies etc. in bfloat16 (its own choice of which ops stay float32).
+            float32 pins OpenVINO to float32: on CPUs with native bf16 its default would be
+            bfloat16. onnxruntime's CPU provider has no bfloat16 execution: refused.
+
+    Raises:
+        ValueError: an unknown backend or precision, bfloat16 with onnxruntime, bfloat16 on
+            a CPU without native bf16 (where OpenVINO would otherwise quietly keep float32), or
+            OpenVINO compiling the file in another precision than asked.
     """
 
-    def __init__(self, path, backend='onnxruntime', threads=None):
+    def __init__(self, path, backend='onnxruntime', threads=None, precision='float32'):
         if backend not in BACKENDS:
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+        if precision not in PRECISIONS:
+            raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
+        if precision == 'bfloat16' and backend != 'openvino':
+            raise ValueError(f"precision='bfloat16' runs in OpenVINO only ({backend}'s CPU "
+                             f"provider has no bfloat16 execution): use backend='openvino', "
+                             f"or precision='float32'")
         if not os.path.isfile(path):
             raise FileNotFoundError(f'ONNX file not found: {path}')
-        self.path, self.backend = path, backend
+        self.path, self.backend, self.precision = path, backend, precision
         self.metadata = read_metadata(path)
         self.input_dims = self.metadata.pop('_input_dims')
         if backend == 'onnxruntime':
@@ -59,10 +78,19 @@ class RuntimeSession:
         else:
             import openvino as ov
             core = ov.Core()
-            config = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
+            hint = {'float32': 'f32', 'bfloat16': 'bf16'}[precision]
+            if hint == 'bf16':
+                check_native_bf16(core)
+            config = {'INFERENCE_PRECISION_HINT': hint, 'PERFORMANCE_HINT': 'LATENCY'}
             if threads:
                 config['INFERENCE_NUM_THREADS'] = int(threads)
             self._compiled = core.compile_model(core.read_model(path), 'CPU', config)
+            used = self._compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()
+            # OpenVINO keeps its default when it cannot honour the hint: never run something
+            # other than what was asked for
+            if used != hint:
+                raise ValueError(f'OpenVINO compiled {path} with inference precision {used}, '
+                                 f'not the requested {hint} ({precision})')
             self._request = self._compiled.create_infer_request()
             self.output_names = [o.get_any_name() for o in self._compiled.outputs]
 
@@ -92,14 +120,26 @@ class RuntimeSession:
         return [torch.from_numpy(np.asarray(o)).to(x.device) for o in outs]
 
 
-def attach_runtime(model, path, backend='onnxruntime', threads=None, torch_weights=None):
+def check_native_bf16(core):
+    """Raise a ValueError unless OpenVINO reports native bfloat16 on this CPU ('BF16' in the
+    CPU's ``OPTIMIZATION_CAPABILITIES``, e.g. AVX512-BF16 or AMX)."""
+    caps = list(core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))
+    if 'BF16' not in caps:
+        name = core.get_property('CPU', 'FULL_DEVICE_NAME')
+        raise ValueError(f"precision='bfloat16' needs a CPU with native bf16 (AVX512-BF16 or "
+                         f"AMX); OpenVINO reports {caps} for {name}: run precision='float32'")
+
+
+def attach_runtime(model, path, backend='onnxruntime', threads=None, torch_weights=None,
+                   precision='float32'):
     """Make ``model`` (an mmdet / mmseg model built from the config the file was exported from)
     run the exported part of itself in ``backend``; returns the session.
 
     ``torch_weights`` says whether the parts left in PyTorch get trained weights: required for
-    a two-stage detector (its RPN / RoI heads are not in the file).
+    a two-stage detector (its RPN / RoI heads are not in the file). ``precision``: of the
+    file's run (:class:`RuntimeSession`); the parts left in PyTorch stay float32.
     """
-    session = RuntimeSession(path, backend, threads)
+    session = RuntimeSession(path, backend, threads, precision)
     part = session.part
     if part not in PARTS or part == 'backbone':
         raise ValueError(f'{path} holds a {part!r} graph; tools/test.py needs a file exported '
@@ -196,4 +236,5 @@ def end2end_mask_results(roi_head, outs, batch_data_samples, rescale=True):
     return results
 
 
-__all__ = ['BACKENDS', 'RuntimeSession', 'attach_runtime', 'read_metadata']
+__all__ = ['BACKENDS', 'PRECISIONS', 'RuntimeSession', 'attach_runtime', 'check_native_bf16',
+           'read_metadata']
