@@ -6,7 +6,7 @@ tools/test.py --backend).
 * a dynamic-size export runs at two sizes (and batches) in both runtimes; for the families with
   attention-bias tables (LeViT, EfficientFormer v1 / V2 in both bias modes) at sizes whose token
   grids are smaller than, equal to and larger than the tables (non-square, mixed), with the
-  tables random so that a wrong bias shows;
+  tables random so that a wrong bias shows; the two bias rules alone match PyTorch's biases;
 * a whole Semantic FPN (image -> logits) matches PyTorch; tools/test.py with the file in a
   runtime gives PyTorch's metrics on the synthetic data;
 * OpenVINO bfloat16 inference (CPUs with native bf16) stays near float32 and is really not
@@ -17,6 +17,7 @@ import os.path as osp
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -151,6 +152,55 @@ def test_dynamic_bias_tables_in_both_runtimes(cls_name, arch, kw, shape, sizes, 
                 ref = model(x)
             ok, report = compare(sess(x), ref)
             assert ok, f'{cls_name} {kw} {backend} {tuple(x.shape)}:\n{report}'
+
+
+class _BiasOfInput(torch.nn.Module):
+    """Input ``(1, 1, H, W)`` -> the ``(1, heads, Nq, Nk)`` bias of an ``H x W`` key grid."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        h, w = x.shape[2:]
+        s = self.attn.q_stride
+        return self.attn.attention_bias(((h - 1) // s + 1, (w - 1) // s + 1), (h, w))[None]
+
+
+def test_dynamic_bias_rules_against_pytorch(tmp_path):
+    """The bias rules as graph ops, alone: the pretrained rule is PyTorch's bias bit for bit
+    where the grid fits in the table (a crop) and within float rounding where the table is
+    resized (borders included; measured <= 1.2e-6 of max|bias|); the official rule's Resize of
+    the dense matrix is exact at the dense grid, and on this 25-token one within 2e-5 (measured
+    3e-6; 625-token matrices: <= 3.3e-4, float32 source positions, see docs/deploy.md)."""
+    from effbackbones.deploy import RuntimeSession
+    from effbackbones.models.efficientformer import Attention
+    from effbackbones.models.levit import AttentionSubsample
+    torch.manual_seed(0)
+    cases = [('pretrained', AttentionSubsample(16, 32, 8, 2, 2, (7, 7)), 5e-6),
+             ('official', Attention(16, 8, 2, 2, 7, 'official', 5), 2e-5)]
+    for mode, attn, tol_resized in cases:
+        with torch.no_grad():
+            attn.bias_table().normal_()
+        part = _BiasOfInput(attn.eval())
+        path = str(tmp_path / f'{mode}.onnx')
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            torch.onnx.export(part, (torch.zeros(1, 1, 5, 5),), path, input_names=['input'],
+                              dynamic_axes={'input': {2: 'h', 3: 'w'}}, opset_version=17,
+                              dynamo=False)
+        for backend in ('onnxruntime', 'openvino'):
+            sess = RuntimeSession(path, backend, threads=1)
+            # vs the 7x7 table / 5x5 dense grid: smaller, equal, mixed, larger, much larger
+            for hw in [(2, 3), (5, 5), (7, 5), (5, 9), (9, 11), (16, 12)]:
+                x = torch.zeros(1, 1, *hw)
+                with torch.no_grad():
+                    ref = part(x)
+                out = sess(x)[0]
+                assert out.shape == ref.shape
+                fits = hw[0] <= 7 and hw[1] <= 7 if mode == 'pretrained' else hw == (5, 5)
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
+                assert err <= (0.0 if fits else tol_resized), (mode, backend, hw, err)
 
 
 def test_dynamic_file_checks_the_side_rule(tmp_path):
