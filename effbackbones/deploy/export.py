@@ -450,6 +450,6 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
     return reports
 
 
-__all__ = ['OPSET', 'PARTS', 'PART_KEY', 'SIZE_DIVISOR_KEY', 'ExportError', 'ParityError', 'compare',
-           'build_backbone', 'build_from_config', 'exportable_part', 'check_request',
+__all__ = ['OPSET', 'PARTS', 'PART_KEY', 'SIZE_DIVISOR_KEY', 'ExportError', 'ParityError',
+           'compare', 'build_backbone', 'build_from_config', 'exportable_part', 'check_request',
            'export_module', 'check_onnx_parity', 'parity_inputs', 'export']
