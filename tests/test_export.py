@@ -3,7 +3,10 @@ tools/test.py --backend).
 
 * every family's exported file, eager and deploy, reproduces the official reference pack in both
   runtimes (``compare_outputs``), the checkpoint going through the init_cfg loader;
-* a dynamic-size export runs at two sizes (and batches) in both runtimes;
+* a dynamic-size export runs at two sizes (and batches) in both runtimes; for the families with
+  attention-bias tables (LeViT, EfficientFormer v1 / V2 in both bias modes) at sizes whose token
+  grids are smaller than, equal to and larger than the tables (non-square, mixed), with the
+  tables random so that a wrong bias shows; the two bias rules alone match PyTorch's biases;
 * a whole Semantic FPN (image -> logits) matches PyTorch; tools/test.py with the file in a
   runtime gives PyTorch's metrics on the synthetic data;
 * OpenVINO bfloat16 inference (CPUs with native bf16) stays near float32 and is really not
@@ -14,6 +17,7 @@ import os.path as osp
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -94,6 +98,121 @@ def test_dynamic_export_two_sizes_both_runtimes(tmp_path):
             assert ok, f'{backend} {shape}:\n{report}'
 
 
+def _random_bias_tables(model):
+    """Random bias tables and layer scales near 1 (their inits are 0 and 1e-5, which would hide
+    any bias in the outputs)."""
+    from effbackbones.models.attention_bias import RelPosBiasAttention
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, RelPosBiasAttention):
+                m.bias_table().normal_()
+            if isinstance(getattr(m, 'gamma', None), torch.nn.Parameter):
+                m.gamma.uniform_(0.5, 1.5)
+    return model
+
+
+# class, arch, model arguments, export size, more sizes run in both runtimes. Token grids vs the
+# tables: LeViT pretrain_img_size=64 -> 4x4 / 2x2 / 1x1 tables at strides 16 / 32 / 64; the
+# pretrained tables of v1 / V2 are 7x7 at stride 32 (V2: 14x14 keys in the downsample);
+# official bias_grid=2 -> 2x2 dense grids (4 tokens, V2's downsample 16 keys), resized by token
+# count. Each list has a grid smaller than the table, one larger, and one mixed / non-square.
+DYNAMIC_BIAS_CASES = [
+    ('LeViT', '128s', dict(pretrain_img_size=64, out_indices=(2, 3, 4)), (64, 64),
+     [(32, 96), (128, 96), (32, 32)]),
+    ('EfficientFormer', 'l1', dict(bias_mode='pretrained', out_indices=(3,)), (224, 224),
+     [(64, 96), (288, 160), (256, 320)]),
+    ('EfficientFormer', 'l1', dict(bias_grid=2, out_indices=(3,)), (64, 64),
+     [(32, 32), (32, 96), (96, 128)]),
+    ('EfficientFormerV2', 's0', dict(bias_mode='pretrained', out_indices=(2, 3)), (224, 224),
+     [(64, 96), (288, 160), (256, 320)]),
+    ('EfficientFormerV2', 's0', dict(bias_grid=2, out_indices=(2, 3)), (64, 64),
+     [(32, 32), (32, 96), (96, 128)]),
+]
+
+
+@pytest.mark.parametrize('cls_name,arch,kw,shape,sizes', DYNAMIC_BIAS_CASES,
+                         ids=['levit', 'v1-pretrained', 'v1-official', 'v2-pretrained',
+                              'v2-official'])
+def test_dynamic_bias_tables_in_both_runtimes(cls_name, arch, kw, shape, sizes, tmp_path):
+    """A dynamic file of a family with attention-bias tables computes the bias of each input
+    size in the graph: equal to PyTorch (within the export tolerance) in both runtimes at token
+    grids smaller than, equal to and larger than the tables."""
+    from effbackbones.deploy import RuntimeSession, build_backbone, compare, export
+    model = _random_bias_tables(build_backbone(cls_name, arch, **kw))
+    out = str(tmp_path / 'dyn.onnx')
+    reports = export(model, shape, out, dynamic=True, log=lambda *_: None)
+    assert len(reports) == 2            # the export checked a second size and batch itself
+    g = torch.Generator().manual_seed(1)
+    for backend in ('onnxruntime', 'openvino'):
+        sess = RuntimeSession(out, backend, threads=1)
+        for i, (h, w) in enumerate(sizes):
+            x = torch.randn(1 + i % 2, 3, h, w, generator=g)
+            with torch.no_grad():
+                ref = model(x)
+            ok, report = compare(sess(x), ref)
+            assert ok, f'{cls_name} {kw} {backend} {tuple(x.shape)}:\n{report}'
+
+
+class _BiasOfInput(torch.nn.Module):
+    """Input ``(1, 1, H, W)`` -> the ``(1, heads, Nq, Nk)`` bias of an ``H x W`` key grid."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        h, w = x.shape[2:]
+        s = self.attn.q_stride
+        return self.attn.attention_bias(((h - 1) // s + 1, (w - 1) // s + 1), (h, w))[None]
+
+
+def test_dynamic_bias_rules_against_pytorch(tmp_path):
+    """The bias rules as graph ops, alone: the pretrained rule is PyTorch's bias bit for bit
+    where the grid fits in the table (a crop) and within float rounding where the table is
+    resized (borders included; measured <= 1.2e-6 of max|bias|); the official rule's Resize of
+    the dense matrix is exact at the dense grid, and on this 25-token one within 2e-5 (measured
+    3e-6; 625-token matrices: <= 3.3e-4, float32 source positions, see docs/deploy.md)."""
+    from effbackbones.deploy import RuntimeSession
+    from effbackbones.models.efficientformer import Attention
+    from effbackbones.models.levit import AttentionSubsample
+    torch.manual_seed(0)
+    cases = [('pretrained', AttentionSubsample(16, 32, 8, 2, 2, (7, 7)), 5e-6),
+             ('official', Attention(16, 8, 2, 2, 7, 'official', 5), 2e-5)]
+    for mode, attn, tol_resized in cases:
+        with torch.no_grad():
+            attn.bias_table().normal_()
+        part = _BiasOfInput(attn.eval())
+        path = str(tmp_path / f'{mode}.onnx')
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            torch.onnx.export(part, (torch.zeros(1, 1, 5, 5),), path, input_names=['input'],
+                              dynamic_axes={'input': {2: 'h', 3: 'w'}}, opset_version=17,
+                              dynamo=False)
+        for backend in ('onnxruntime', 'openvino'):
+            sess = RuntimeSession(path, backend, threads=1)
+            # vs the 7x7 table / 5x5 dense grid: smaller, equal, mixed, larger, much larger
+            for hw in [(2, 3), (5, 5), (7, 5), (5, 9), (9, 11), (16, 12)]:
+                x = torch.zeros(1, 1, *hw)
+                with torch.no_grad():
+                    ref = part(x)
+                out = sess(x)[0]
+                assert out.shape == ref.shape
+                fits = hw[0] <= 7 and hw[1] <= 7 if mode == 'pretrained' else hw == (5, 5)
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
+                assert err <= (0.0 if fits else tol_resized), (mode, backend, hw, err)
+
+
+def test_dynamic_file_checks_the_side_rule(tmp_path):
+    from effbackbones.deploy import RuntimeSession, build_backbone, export
+    model = build_backbone('EfficientFormerV2', 's0', out_indices=(3,))
+    out = str(tmp_path / 'dyn.onnx')
+    export(model, (64, 64), out, dynamic=True, check=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match=r'needs input sides that are multiples of 32.*got '
+                                         r'70x64.*pad_size_divisor=32'):
+        RuntimeSession(out, 'onnxruntime')(torch.zeros(1, 3, 70, 64))
+
+
 def test_static_file_refuses_another_size(tmp_path):
     from effbackbones.deploy import RuntimeSession, build_backbone, export
     model = build_backbone('SwiftFormer', 'xs', out_indices=(3,))
@@ -105,10 +224,6 @@ def test_static_file_refuses_another_size(tmp_path):
 
 
 @pytest.mark.parametrize('args,message', [
-    (['--model', 'LeViT', '--arch', '128s', '--shape', '224', '224', '--dynamic'],
-     r'LeViT cannot be exported with dynamic height / width.*static file per input size'),
-    (['--model', 'EfficientFormerV2', '--arch', 's0', '--shape', '224', '224', '--dynamic'],
-     r'EfficientFormerV2 cannot be exported with dynamic'),
     (['--model', 'EfficientFormerV3', '--arch', 'l1', '--shape', '224', '224'],
      r"unknown backbone class 'EfficientFormerV3'; choose one of \[.*'SwiftFormer'"),
     (['--model', 'SwiftFormer', '--arch', 'xxl', '--shape', '224', '224'],

@@ -16,8 +16,9 @@ tolerance).
     python tools/export_onnx.py --config configs/retinanet_mobileformer_26m.py \\
         --checkpoint epoch_12.pth --shape 800 1344 --end2end --out retinanet_end2end.onnx
 
-``--dynamic`` makes batch, height and width free (SwiftFormer, MobileFormer); the families with
-relative-position attention biases (EfficientFormer v1 / V2, LeViT) are exported per size.
+``--dynamic`` makes batch, height and width free (every backbone family; the attention biases
+of EfficientFormer v1 / V2 and LeViT are then computed in the graph from the input's size; an
+``--end2end`` detector stays static).
 Exit status 2 with a message for a request that cannot be met, 1 when the parity check fails.
 See docs/deploy.md.
 """

@@ -17,10 +17,12 @@ What is exported:
   two-stage detector (Mask R-CNN) -> backbone + neck ``feat_<l>`` (RPN / RoI heads stay in
   PyTorch), or with ``end2end=True`` the whole Mask R-CNN -> ``dets`` / ``labels`` / ``masks``.
 
-Dynamic height / width (``dynamic=True``) is allowed for families whose forward has no
-size-dependent tables (SwiftFormer, Mobile-Former); a backbone with relative-position attention
-biases (EfficientFormer v1 / V2, LeViT) is refused with an :class:`ExportError` that says to
-export one static file per input size.
+Dynamic batch / height / width (``dynamic=True``) works for every family. SwiftFormer and
+Mobile-Former have no size-dependent tables; for the relative-position attention biases of
+EfficientFormer v1 / V2 (both ``bias_mode``\ s) and LeViT nothing is pinned, and the traced
+forward computes each bias from the input's sizes (Range / Resize / Slice / Gather, see
+:mod:`effbackbones.models.attention_bias`), so the file holds the bias rule instead of one
+size's bias. The parity check runs such a file at a second size and batch as well.
 
 After writing the file, :func:`check_onnx_parity` runs it in onnxruntime on a random input and
 raises :class:`ParityError` when an output is outside the reference-pack tolerance
@@ -47,6 +49,8 @@ ATOL_OF_MAX = 2e-4
 RTOL = 1e-4
 #: the ONNX metadata key naming what a file holds (read by :mod:`.runtime`)
 PART_KEY = 'effbackbones.part'
+#: the ONNX metadata key of the backbone's side rule (a dynamic file checks its inputs with it)
+SIZE_DIVISOR_KEY = 'effbackbones.size_divisor'
 PARTS = ('backbone', 'segmentor', 'single_stage', 'single_stage_end2end',
          'two_stage_features', 'two_stage_end2end')
 
@@ -245,9 +249,8 @@ def effb_backbone(model):
 # --------------------------------------------------------------------------------------------
 # request checks
 # --------------------------------------------------------------------------------------------
-def check_request(backbone, shape, batch=1, dynamic=False):
-    """Raise :class:`ExportError` for a size the backbone cannot take or a dynamic export of a
-    family whose biases depend on the size."""
+def check_request(backbone, shape, batch=1):
+    """Raise :class:`ExportError` for a size (or batch) the backbone cannot take."""
     h, w = (int(s) for s in shape)
     if h <= 0 or w <= 0 or batch <= 0:
         raise ExportError(f'--shape and --batch must be positive, got {h}x{w}, batch {batch}')
@@ -255,13 +258,6 @@ def check_request(backbone, shape, batch=1, dynamic=False):
         backbone.check_input(torch.empty(batch, backbone.in_channels, h, w))
     except ValueError as exc:
         raise ExportError(f'--shape {h} {w}: {exc}') from None
-    if dynamic and backbone.attention_bias_modules():
-        raise ExportError(
-            f'{type(backbone).__name__} cannot be exported with dynamic height / width: its '
-            f'attention biases are (heads, Nq, Nk) tables built for one token grid (resized / '
-            f'gathered in Python from the input size), so the graph holds them as constants of '
-            f'the traced size. Export one static file per input size instead (drop --dynamic, '
-            f'--shape H W). Dynamic sizes work for SwiftFormer and MobileFormer.')
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +268,9 @@ def _quiet_export(*args, **kwargs):
         # tracer notes about Python ints taken from sizes: expected for a static export, and
         # a dynamic export is checked at a second size instead of trusting the warnings
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+        # the official dense attention bias gathers its table with |offsets| (never negative),
+        # the case the exporter's advanced-indexing note is about
+        warnings.filterwarnings('ignore', message='.*advanced indexing.*negative values.*')
         warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export.*')
         warnings.filterwarnings('ignore', category=DeprecationWarning)
         warnings.filterwarnings('ignore', category=FutureWarning)
@@ -413,10 +412,15 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
     Returns the parity reports (empty when ``check`` is False).
     """
     backbone = effb_backbone(model)
-    check_request(backbone, shape, batch, dynamic)
+    check_request(backbone, shape, batch)
     if deploy and not getattr(backbone, 'deploy', False):
         backbone.switch_to_deploy()
-    if not dynamic:
+    if dynamic:
+        # a pinned bias (an earlier switch_to_deploy(input_size) / static export) would become a
+        # constant of that size: the traced forward computes the biases from the input's sizes
+        for attn in backbone.attention_bias_modules():
+            attn.drop_pinned_bias()
+    else:
         # the attention biases of this size become graph constants computed by PyTorch (no
         # gather / bicubic resize of the tables in the graph); nothing to pin elsewhere
         backbone.pin_attention_biases(tuple(int(s) for s in shape))
@@ -426,6 +430,8 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
     else:
         part = exportable_part(model).eval()
     inputs = parity_inputs(backbone.in_channels, shape, batch, dynamic, backbone.size_divisor)
+    if backbone.size_divisor:
+        metadata = dict(metadata or {}, **{SIZE_DIVISOR_KEY: str(backbone.size_divisor)})
     export_module(part, inputs[0], out, dynamic=dynamic, opset=opset, metadata=metadata)
     log(f'wrote {out} ({part.part}, input {"x".join(map(str, inputs[0].shape))}'
         f'{", dynamic batch/height/width" if dynamic else ", static"}, '
@@ -444,6 +450,6 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
     return reports
 
 
-__all__ = ['OPSET', 'PARTS', 'PART_KEY', 'ExportError', 'ParityError', 'compare',
-           'build_backbone', 'build_from_config', 'exportable_part', 'check_request',
+__all__ = ['OPSET', 'PARTS', 'PART_KEY', 'SIZE_DIVISOR_KEY', 'ExportError', 'ParityError',
+           'compare', 'build_backbone', 'build_from_config', 'exportable_part', 'check_request',
            'export_module', 'check_onnx_parity', 'parity_inputs', 'export']

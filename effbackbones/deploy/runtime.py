@@ -15,7 +15,7 @@ import types
 import numpy as np
 import torch
 
-from .export import PART_KEY, PARTS
+from .export import PART_KEY, PARTS, SIZE_DIVISOR_KEY
 
 BACKENDS = ('onnxruntime', 'openvino')
 #: inference precisions of :class:`RuntimeSession` (the file and its inputs / outputs stay float32)
@@ -107,7 +107,13 @@ class RuntimeSession:
             raise ValueError(
                 f'{self.path} was exported for input {want}; got {got}. Export it again with '
                 f'--shape {x.shape[2]} {x.shape[3]} (and --batch {x.shape[0]}), or with '
-                f'--dynamic where the family allows it (SwiftFormer, MobileFormer).')
+                f'--dynamic (any backbone family; not an --end2end detector).')
+        d = int(self.metadata.get(SIZE_DIVISOR_KEY, 0))
+        if d and (x.shape[2] % d or x.shape[3] % d):
+            raise ValueError(
+                f'{self.path} needs input sides that are multiples of {d} (its backbone\'s '
+                f'rule), got {x.shape[2]}x{x.shape[3]}. Pad the input (mmdet/mmseg '
+                f'data_preprocessor: pad_size_divisor={d} / size_divisor={d}) or resize.')
 
     def __call__(self, x):
         self.check_input(x)

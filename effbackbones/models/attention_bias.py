@@ -42,6 +42,16 @@ While ``torch.compile`` traces or ``torch.jit`` / ``torch.onnx`` trace, the LRU 
 Python state: it would break the graph, or bake one size into a graph meant for others): the bias
 is computed in the graph.
 
+Dynamic ONNX export: while ``torch.onnx.export`` traces a forward, the grid sizes are traced
+0-dim tensors (``x.shape``). When no pinned bias serves (a static export pins first, see below),
+the bias is then computed from them with the same rules as tensor ops
+(:meth:`RelPosBiasAttention._compute_bias_traced`): offsets from ``Range``, the pretrained table
+resized to ``max(side, table side)`` (ONNX ``Resize``, cubic, ``half_pixel``,
+``cubic_coeff_a=-0.75``: PyTorch's bicubic) and sliced, per-axis ``Gather``; in official mode the
+gathered dense matrix (a graph constant) resized by ``Resize`` to the runtime ``(Nq, Nk)``. So
+one file serves every input size. Eager and ``torch.compile`` never take this path (their sizes
+are ints).
+
 Pinned bias (deploy): for a fixed input size the bias can be computed once and kept as a
 non-persistent buffer ``pinned_bias`` (:meth:`RelPosBiasAttention.start_pinning`, driven by
 ``BaseDenseBackbone.pin_attention_biases``). It is served in eval mode, traced or not, grad enabled
@@ -166,6 +176,34 @@ def resize_dense_bias(gathered, q_len, k_len):
     ``(heads, q_len, k_len)`` (``align_corners=False``)."""
     return F.interpolate(gathered.unsqueeze(0), size=(q_len, k_len), mode='bicubic',
                          align_corners=False)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# the same rules on traced sizes (dynamic ONNX export)
+# --------------------------------------------------------------------------------------------
+def table_for_grid_traced(table, table_hw, grid_hw):
+    """:func:`table_for_grid` for a key grid whose sides are traced 0-dim tensors (the sizes a
+    traced ``x.shape`` gives), so the graph resizes and crops for the size it is run at: the
+    ``max`` is a tensor op (ONNX ``Clip``), the resize an ONNX ``Resize`` (an identity on a side
+    that keeps its size: cubic weights ``(0, 1, 0, 0)`` at integer positions), the crop a
+    ``Slice``."""
+    th, tw = table_hw
+    h, w = grid_hw
+    big = (torch.clamp(torch.as_tensor(h), min=th), torch.clamp(torch.as_tensor(w), min=tw))
+    grid = table.reshape(1, table.shape[0], th, tw).float()
+    full = F.interpolate(grid, size=big, mode='bicubic', align_corners=False)
+    return full[0, :, :h, :w].to(table.dtype)
+
+
+def gather_offset_bias_traced(grid_table, dy, dx):
+    """:func:`gather_offset_bias` as two single-index gathers (ONNX ``Gather``) whose sizes
+    come from the traced offset tables: rows by ``|dy|``, then columns by ``|dx|``."""
+    heads = grid_table.shape[0]
+    (qh, kh), (qw, kw) = dy.shape, dx.shape
+    rows = grid_table.index_select(1, dy.reshape(-1))            # (h, qh*kh, W)
+    cols = rows.index_select(2, dx.reshape(-1))                  # (h, qh*kh, qw*kw)
+    bias = cols.reshape(heads, qh, kh, qw, kw).permute(0, 1, 3, 2, 4)
+    return bias.reshape(heads, qh * qw, kh * kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,9 +377,20 @@ class RelPosBiasAttention(nn.Module):
         dy, dx = axis_offsets(q_hw, self.dense_hw, self.q_stride, table.device)
         return gather_offset_bias(table.reshape(table.shape[0], *self.dense_hw), dy, dx)
 
+    def bias_from_traced_sizes(self, hw):
+        """True when the grid ``hw`` holds traced sizes (0-dim tensors: what ``x.shape`` gives
+        while tracing) under ``torch.onnx.export`` and no pinned bias serves (a dynamic export;
+        a static one pins first). The bias is then computed from those sizes
+        (:meth:`_compute_bias_traced`), so the graph holds the rule, not one size's result.
+        Eager and ``torch.compile`` sizes are ints: the first test answers, nothing else runs."""
+        return torch.is_tensor(hw[0]) and self.pinned_bias is None and \
+            torch.onnx.is_in_onnx_export()
+
     def table_for_grid(self, k_hw):
         """Pretrained mode: the ``(heads, H, W)`` offset table for a runtime key grid (cropped /
         resized per dimension; cached in eval like the biases)."""
+        if self.bias_from_traced_sizes(k_hw):
+            return table_for_grid_traced(self.attention_biases, self.table_hw, k_hw)
         k_hw = (int(k_hw[0]), int(k_hw[1]))
         return self._cached('table', k_hw, lambda: table_for_grid(
             self.attention_biases, self.table_hw, k_hw))
@@ -349,6 +398,9 @@ class RelPosBiasAttention(nn.Module):
     def attention_bias(self, q_hw, k_hw, dtype=None):
         """The ``(heads, Nq, Nk)`` bias for a query grid ``q_hw`` and a key grid ``k_hw`` (in
         ``dtype`` if given, else the table's)."""
+        if self.bias_from_traced_sizes(k_hw):
+            bias = self._compute_bias_traced(q_hw, k_hw)
+            return bias if dtype is None else bias.to(dtype)
         q_hw = (int(q_hw[0]), int(q_hw[1]))
         k_hw = (int(k_hw[0]), int(k_hw[1]))
         return self._cached('bias', (q_hw, k_hw), lambda: self._compute_bias(q_hw, k_hw), dtype)
@@ -362,6 +414,16 @@ class RelPosBiasAttention(nn.Module):
             dy, dx = axis_offsets(q_hw, k_hw, self.q_stride, table.device)
             bias = gather_offset_bias(table, dy, dx)
         return bias
+
+    def _compute_bias_traced(self, q_hw, k_hw):
+        """:meth:`_compute_bias` for grids whose sides are traced 0-dim tensors (dynamic ONNX
+        export): the same rules as tensor ops on the sizes (Range, Resize, Slice, Gather)."""
+        if self.bias_mode == 'official':
+            return resize_dense_bias(self.dense_bias_matrix(), q_hw[0] * q_hw[1],
+                                     k_hw[0] * k_hw[1])
+        table = table_for_grid_traced(self.attention_biases, self.table_hw, k_hw)
+        dy, dx = axis_offsets(q_hw, k_hw, self.q_stride, table.device)
+        return gather_offset_bias_traced(table, dy, dx)
 
     # -- pinning (deploy) -------------------------------------------------------------------
     def start_pinning(self):
@@ -413,5 +475,6 @@ class RelPosBiasAttention(nn.Module):
 
 __all__ = ['BIAS_MODES', 'DETECTION_BIAS_GRID', 'SEGMENTATION_BIAS_GRID', 'check_bias_grid',
            'offset_index', 'axis_offsets', 'gather_offset_bias',
-           'resize_bias_table', 'table_for_grid', 'resize_dense_bias', 'BiasCache',
+           'resize_bias_table', 'table_for_grid', 'resize_dense_bias',
+           'table_for_grid_traced', 'gather_offset_bias_traced', 'BiasCache',
            'RelPosBiasAttention']

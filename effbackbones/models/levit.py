@@ -89,6 +89,11 @@ class _BiasAttention(RelPosBiasAttention):
     def _attend_chunked(self, q, k, v, q_hw, k_hw):
         """Queries in chunks of whole grid rows, each chunk checkpointed while training, so
         neither an ``Nq x Nk`` score/softmax tensor nor the full bias is ever kept."""
+        if self.bias_from_traced_sizes(k_hw):
+            # dynamic ONNX export: the row split is Python control flow on the size, which the
+            # graph would freeze at the traced size; all rows in one chunk instead
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=self.attention_bias(q_hw, k_hw, q.dtype), scale=self.scale)
         table = self.table_for_grid(k_hw)
         dy, dx = axis_offsets(q_hw, k_hw, self.q_stride, q.device)
         b, h, _, _ = q.shape
