@@ -48,7 +48,8 @@ the bias is then computed from them with the same rules as tensor ops
 (:meth:`RelPosBiasAttention._compute_bias_traced`): offsets from ``Range``, the pretrained table
 resized to ``max(side, table side)`` (ONNX ``Resize``, cubic, ``half_pixel``,
 ``cubic_coeff_a=-0.75``: PyTorch's bicubic) and sliced, per-axis ``Gather``; in official mode the
-gathered dense matrix (a graph constant) resized by ``Resize`` to the runtime ``(Nq, Nk)``. So
+gathered dense matrix (a graph constant) resized to the runtime ``(Nq, Nk)`` one axis at a time
+by tap gathers (:func:`resize_dense_bias_traced`). So
 one file serves every input size. Eager and ``torch.compile`` never take this path (their sizes
 are ints).
 
@@ -193,6 +194,38 @@ def table_for_grid_traced(table, table_hw, grid_hw):
     grid = table.reshape(1, table.shape[0], th, tw).float()
     full = F.interpolate(grid, size=big, mode='bicubic', align_corners=False)
     return full[0, :, :h, :w].to(table.dtype)
+
+
+def _resize_axis_bicubic_traced(m, axis, out_len, a=-0.75):
+    """PyTorch's bicubic resize (``align_corners=False``, ``A = -0.75``, border taps clamped)
+    of ``m`` along one ``axis`` to a traced length, as four row gathers and a weighted sum:
+    per output position the source ``(i + 0.5) * in / out - 0.5``, its four taps and weights
+    come from ``Range`` and element-wise ops on the size."""
+    in_len = m.shape[axis]
+    scale = torch.as_tensor(float(in_len)) / torch.as_tensor(out_len).to(torch.float32)
+    src = (torch.arange(out_len).to(torch.float32) + 0.5) * scale - 0.5
+    first = torch.floor(src)
+    t = src - first
+    # the cubic convolution kernel at the distances of the four taps (1 + t, t, 1 - t, 2 - t)
+    near = [((a + 2) * d - (a + 3)) * d * d + 1 for d in (t, 1 - t)]
+    far = [((a * d - 5 * a) * d + 8 * a) * d - 4 * a for d in (t + 1, 2 - t)]
+    weights = (far[0], near[0], near[1], far[1])
+    view = [1] * m.dim()
+    view[axis] = -1
+    out = 0
+    for k, w in zip((-1, 0, 1, 2), weights):
+        idx = torch.clamp(first + k, 0, in_len - 1).to(torch.long)
+        out = out + m.index_select(axis, idx) * w.reshape(view)
+    return out
+
+
+def resize_dense_bias_traced(gathered, q_len, k_len):
+    """:func:`resize_dense_bias` to traced ``(q_len, k_len)``, separably per axis with gathers
+    (:func:`_resize_axis_bicubic_traced`) instead of ONNX ``Resize``: onnxruntime's cubic
+    ``Resize`` takes seconds on these matrices (1.8 s per EfficientFormerV2-S0 forward at
+    512x512), the gathers milliseconds."""
+    rows = _resize_axis_bicubic_traced(gathered, 1, q_len)
+    return _resize_axis_bicubic_traced(rows, 2, k_len)
 
 
 def gather_offset_bias_traced(grid_table, dy, dx):
@@ -417,10 +450,10 @@ class RelPosBiasAttention(nn.Module):
 
     def _compute_bias_traced(self, q_hw, k_hw):
         """:meth:`_compute_bias` for grids whose sides are traced 0-dim tensors (dynamic ONNX
-        export): the same rules as tensor ops on the sizes (Range, Resize, Slice, Gather)."""
+        export): the same rules as tensor ops on the sizes (Range, Resize / tap gathers, Slice, Gather)."""
         if self.bias_mode == 'official':
-            return resize_dense_bias(self.dense_bias_matrix(), q_hw[0] * q_hw[1],
-                                     k_hw[0] * k_hw[1])
+            return resize_dense_bias_traced(self.dense_bias_matrix(), q_hw[0] * q_hw[1],
+                                            k_hw[0] * k_hw[1])
         table = table_for_grid_traced(self.attention_biases, self.table_hw, k_hw)
         dy, dx = axis_offsets(q_hw, k_hw, self.q_stride, table.device)
         return gather_offset_bias_traced(table, dy, dx)
@@ -476,5 +509,6 @@ class RelPosBiasAttention(nn.Module):
 __all__ = ['BIAS_MODES', 'DETECTION_BIAS_GRID', 'SEGMENTATION_BIAS_GRID', 'check_bias_grid',
            'offset_index', 'axis_offsets', 'gather_offset_bias',
            'resize_bias_table', 'table_for_grid', 'resize_dense_bias',
-           'table_for_grid_traced', 'gather_offset_bias_traced', 'BiasCache',
+           'table_for_grid_traced', 'gather_offset_bias_traced', 'resize_dense_bias_traced',
+           'BiasCache',
            'RelPosBiasAttention']
