@@ -450,7 +450,8 @@ class RelPosBiasAttention(nn.Module):
 
     def _compute_bias_traced(self, q_hw, k_hw):
         """:meth:`_compute_bias` for grids whose sides are traced 0-dim tensors (dynamic ONNX
-        export): the same rules as tensor ops on the sizes (Range, Resize / tap gathers, Slice, Gather)."""
+        export): the same rules as tensor ops on the sizes (Range, Resize or tap gathers, Slice,
+        Gather)."""
         if self.bias_mode == 'official':
             return resize_dense_bias_traced(self.dense_bias_matrix(), q_hw[0] * q_hw[1],
                                             k_hw[0] * k_hw[1])
