@@ -137,11 +137,17 @@ def _nms_settings(cfg, owner, classes=True):
     return float(nms['iou_threshold'])
 
 
+def traced_size(x, dim):
+    """``x.shape[dim]`` as a 0-d int64 tensor: an ONNX ``Shape`` / ``Gather`` in a traced
+    graph, where a Python int would become a constant of the traced size."""
+    return torch._shape_as_tensor(x)[dim]
+
+
 class BoxDecoder(nn.Module):
     """``DeltaXYWHBBoxCoder.decode`` (mmdet ``delta2bbox``) of one image, boxes clamped to the
-    exported input ``(H, W)`` when the coder clips borders."""
+    input's ``(H, W)`` (taken from the input in the graph) when the coder clips borders."""
 
-    def __init__(self, coder, input_hw):
+    def __init__(self, coder):
         super().__init__()
         self.register_buffer('means', torch.tensor(coder.means, dtype=torch.float32),
                              persistent=False)
@@ -149,11 +155,10 @@ class BoxDecoder(nn.Module):
                              persistent=False)
         self.add_ctr_clamp, self.ctr_clamp = coder.add_ctr_clamp, float(coder.ctr_clamp)
         self.clip_border = coder.clip_border
-        h, w = input_hw
-        self.register_buffer('box_max', torch.tensor([w, h, w, h], dtype=torch.float32),
-                             persistent=False)
 
-    def forward(self, anchors, deltas):
+    def forward(self, anchors, deltas, image):
+        """Boxes of ``anchors`` moved by ``deltas``; ``image`` (1, C, H, W): the input whose
+        size the boxes are clamped to."""
         d = deltas * self.stds + self.means
         pxy = (anchors[:, :2] + anchors[:, 2:]) * 0.5
         pwh = anchors[:, 2:] - anchors[:, :2]
@@ -168,41 +173,58 @@ class BoxDecoder(nn.Module):
         gwh = pwh * dwh.exp()
         boxes = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
         if self.clip_border:
-            boxes = torch.min(boxes.clamp(min=0), self.box_max)
+            w, h = traced_size(image, 3), traced_size(image, 2)
+            box_max = torch.stack([w, h, w, h]).to(boxes.dtype)
+            boxes = torch.min(boxes.clamp(min=0), box_max)
         return boxes
 
 
 class AnchorCandidates(nn.Module):
     """An anchor head's per-level candidates for one image: the top ``nms_pre`` (anchor,
-    class) pairs of each level by sigmoid score, with their anchors (graph constants of the
-    exported size) and box deltas."""
+    class) pairs of each level by sigmoid score, with their anchors and box deltas.
 
-    def __init__(self, head, level_sizes, nms_pre, device):
+    The anchors are computed in the graph from each level's map size, as mmdet's
+    ``AnchorGenerator.single_level_grid_priors``: the base anchors ``(A, 4)`` (a constant)
+    plus the shifts ``Range(W) * stride_w`` / ``Range(H) * stride_h``, anchor ``(y * W + x) *
+    A + a``; the same float32 operations, so the same values at every size."""
+
+    def __init__(self, head, nms_pre):
         super().__init__()
         self.num_classes = head.cls_out_channels
         self.nms_pre = nms_pre
-        self.level_sizes = [tuple(s) for s in level_sizes]
-        anchors = head.prior_generator.grid_priors(self.level_sizes, device=device)
-        for i, a in enumerate(anchors):
-            self.register_buffer(f'anchors_{i}', getattr(a, 'tensor', a), persistent=False)
+        generator = head.prior_generator
+        self.strides = [(float(sw), float(sh)) for sw, sh in generator.strides]
+        for i, base in enumerate(generator.base_anchors):
+            self.register_buffer(f'base_anchors_{i}', base.float().clone(), persistent=False)
+        # picks the x / y shift into the [x1, y1, x2, y2] columns
+        self.register_buffer('x_cols', torch.tensor([1.0, 0.0, 1.0, 0.0]), persistent=False)
+        self.register_buffer('y_cols', torch.tensor([0.0, 1.0, 0.0, 1.0]), persistent=False)
+
+    def level_anchors(self, level, feat):
+        """``(H * W * A, 4)`` anchors of ``level`` for its map ``feat`` (1, C, H, W)."""
+        stride_w, stride_h = self.strides[level]
+        shift_x = torch.arange(traced_size(feat, 3), device=feat.device).float() * stride_w
+        shift_y = torch.arange(traced_size(feat, 2), device=feat.device).float() * stride_h
+        # x * 1 + y * 0 is exactly x: the shifts are mmdet's, (H, W, 4)
+        shifts = shift_x[None, :, None] * self.x_cols + shift_y[:, None, None] * self.y_cols
+        base = getattr(self, f'base_anchors_{level}')
+        return (base[None, None] + shifts[:, :, None]).reshape(-1, 4)
 
     def forward(self, cls_scores, bbox_preds):
         """``(scores, labels, level ids, anchors, deltas)`` of the candidates, levels
         concatenated."""
-        if [tuple(c.shape[-2:]) for c in cls_scores] != self.level_sizes:
-            raise ExportError(f'feature maps {[tuple(c.shape[-2:]) for c in cls_scores]} are '
-                              f'not the sizes the anchors were built for {self.level_sizes}')
         out = [], [], [], [], []
         for i, (cls, reg) in enumerate(zip(cls_scores, bbox_preds)):
             pair_scores = cls.permute(0, 2, 3, 1).reshape(-1).sigmoid()   # (H, W, A, C)
-            k = pair_scores.numel()
-            if 0 < self.nms_pre < k:
-                k = self.nms_pre
+            # k = min(nms_pre, pairs) from the traced size: the levels' sizes are free
+            k = traced_size(pair_scores, 0)
+            if self.nms_pre > 0:
+                k = k.clamp(max=self.nms_pre)
             top, pair = pair_scores.topk(k)
             anchor = torch.div(pair, self.num_classes, rounding_mode='floor')
             for lst, v in zip(out, (
                     top, pair - anchor * self.num_classes, torch.full_like(pair, i),
-                    getattr(self, f'anchors_{i}').index_select(0, anchor),
+                    self.level_anchors(i, cls).index_select(0, anchor),
                     reg.permute(0, 2, 3, 1).reshape(-1, 4).index_select(0, anchor))):
                 lst.append(v)
         return [torch.cat(v) for v in out]
@@ -226,14 +248,6 @@ def nms_keep(boxes, scores, rows, num_rows, valid, iou_threshold, max_kept,
     return keep.index_select(0, scores.index_select(0, keep).argsort(descending=True)[:max_kept])
 
 
-def _level_sizes(detector, head_forward, input_hw):
-    """The sizes of the head's maps for an input of ``input_hw`` (one PyTorch forward)."""
-    param = next(detector.parameters())
-    with torch.no_grad():
-        cls_scores = head_forward(detector.extract_feat(param.new_zeros(1, 3, *input_hw)))[0]
-    return [c.shape[-2:] for c in cls_scores], param.device
-
-
 class End2EndDetector(nn.Module):
     """What the two end-to-end detector parts share: the export check compares detections as
     sets (:func:`compare_detections`), their order being data dependent."""
@@ -245,13 +259,13 @@ class End2EndDetector(nn.Module):
 
 class SingleStageEnd2End(End2EndDetector):
     """mmdet single-stage anchor detector (RetinaNet) with its post-processing: image ->
-    ``dets (1, K, 5)``, ``labels (1, K)`` (module docstring). Built for one input size
-    ``(H, W)``, batch 1."""
+    ``dets (1, K, 5)``, ``labels (1, K)`` (module docstring). Batch 1, any input size (the
+    anchors, top-k sizes and clamp are computed from the input's size in the graph)."""
     part = 'single_stage_end2end'
     #: K is data dependent
     output_dynamic_axes = {'dets': {1: 'num_dets'}, 'labels': {1: 'num_dets'}}
 
-    def __init__(self, detector, shape):
+    def __init__(self, detector):
         super().__init__()
         self.model = detector
         head = detector.bbox_head
@@ -271,10 +285,8 @@ class SingleStageEnd2End(End2EndDetector):
         self.min_bbox_size = float(cfg.get('min_bbox_size', -1))
         self.max_per_img = int(cfg.max_per_img)
         self.num_classes = head.cls_out_channels
-        input_hw = tuple(int(s) for s in shape)
-        sizes, device = _level_sizes(detector, head.forward, input_hw)
-        self.candidates = AnchorCandidates(head, sizes, int(cfg.get('nms_pre', -1)), device)
-        self.decoder = BoxDecoder(head.bbox_coder, input_hw)
+        self.candidates = AnchorCandidates(head, int(cfg.get('nms_pre', -1)))
+        self.decoder = BoxDecoder(head.bbox_coder)
 
     def output_names(self, num_outputs):
         return ['dets', 'labels']
@@ -282,7 +294,7 @@ class SingleStageEnd2End(End2EndDetector):
     def forward(self, x):
         cls_scores, bbox_preds = self.model.bbox_head.forward(self.model.extract_feat(x))
         scores, labels, _, anchors, deltas = self.candidates(cls_scores, bbox_preds)
-        boxes = self.decoder(anchors, deltas)
+        boxes = self.decoder(anchors, deltas, x)
         valid = scores > self.score_thr
         if self.min_bbox_size >= 0:
             wh = boxes[:, 2:] - boxes[:, :2]
@@ -334,12 +346,12 @@ class RoiPooling(nn.Module):
 class TwoStageEnd2End(End2EndDetector):
     """mmdet two-stage detector (Mask R-CNN: RPN + StandardRoIHead with a box and a mask head)
     with its post-processing: image -> ``dets (1, K, 5)``, ``labels (1, K)``, ``masks (1, K, M,
-    M)`` (module docstring). Built for one input size ``(H, W)``, batch 1."""
+    M)`` (module docstring). Batch 1, any input size (as :class:`SingleStageEnd2End`)."""
     part = 'two_stage_end2end'
     output_dynamic_axes = {'dets': {1: 'num_dets'}, 'labels': {1: 'num_dets'},
                            'masks': {1: 'num_dets'}}
 
-    def __init__(self, detector, shape):
+    def __init__(self, detector):
         super().__init__()
         self.model = detector
         rpn, roi = detector.rpn_head, detector.roi_head
@@ -362,22 +374,20 @@ class TwoStageEnd2End(End2EndDetector):
         self.score_thr = float(rcnn_cfg.score_thr)
         self.max_per_img = int(rcnn_cfg.max_per_img)
         self.num_classes = roi.bbox_head.num_classes
-        input_hw = tuple(int(s) for s in shape)
-        sizes, device = _level_sizes(detector, rpn.forward, input_hw)
-        self.num_levels = len(sizes)
-        self.candidates = AnchorCandidates(rpn, sizes, int(rpn_cfg.get('nms_pre', -1)), device)
-        self.rpn_decoder = BoxDecoder(rpn.bbox_coder, input_hw)
-        self.rcnn_decoder = BoxDecoder(roi.bbox_head.bbox_coder, input_hw)
+        self.num_levels = rpn.prior_generator.num_levels
+        self.candidates = AnchorCandidates(rpn, int(rpn_cfg.get('nms_pre', -1)))
+        self.rpn_decoder = BoxDecoder(rpn.bbox_coder)
+        self.rcnn_decoder = BoxDecoder(roi.bbox_head.bbox_coder)
         self.bbox_pool = RoiPooling(roi.bbox_roi_extractor)
         self.mask_pool = RoiPooling(roi.mask_roi_extractor)
 
     def output_names(self, num_outputs):
         return ['dets', 'labels', 'masks']
 
-    def proposals(self, feats):
-        """RPN: ``(P, 4)`` proposals by descending score."""
+    def proposals(self, feats, x):
+        """RPN: ``(P, 4)`` proposals by descending score (``x``: the input image)."""
         scores, _, level, anchors, deltas = self.candidates(*self.model.rpn_head.forward(feats))
-        boxes = self.rpn_decoder(anchors, deltas)
+        boxes = self.rpn_decoder(anchors, deltas, x)
         valid = torch.ones_like(scores, dtype=torch.bool)
         if self.rpn_min_bbox_size >= 0:
             wh = boxes[:, 2:] - boxes[:, :2]
@@ -389,12 +399,12 @@ class TwoStageEnd2End(End2EndDetector):
     def forward(self, x):
         roi = self.model.roi_head
         feats = self.model.extract_feat(x)
-        rois = self.proposals(feats)
+        rois = self.proposals(feats, x)
         cls_score, bbox_pred = roi.bbox_head(self.bbox_pool(feats[:roi.bbox_roi_extractor
                                                                 .num_inputs], rois))
         c = self.num_classes
         scores = cls_score.softmax(-1)[:, :c].reshape(-1)                  # (P, C) pairs
-        boxes = self.rcnn_decoder(rois.repeat_interleave(c, dim=0), bbox_pred.reshape(-1, 4))
+        boxes = self.rcnn_decoder(rois.repeat_interleave(c, dim=0), bbox_pred.reshape(-1, 4), x)
         labels = torch.arange(c, device=x.device).repeat(rois.shape[0])
         keep = nms_keep(boxes, scores, labels, c, scores > self.score_thr, self.rcnn_iou,
                         self.max_per_img, self.score_thr)
@@ -407,23 +417,19 @@ class TwoStageEnd2End(End2EndDetector):
         return dets[None], det_labels[None], masks[:, 0][None]
 
 
-
-
-def end2end_part(model, shape, batch=1, dynamic=False):
+def end2end_part(model, batch=1):
     """The :class:`SingleStageEnd2End` / :class:`TwoStageEnd2End` of ``model``, or an
-    :class:`ExportError` saying why it cannot be (not a detector, batch > 1, dynamic sizes)."""
+    :class:`ExportError` saying why it cannot be (not a detector, batch > 1)."""
     if not hasattr(model, 'bbox_head') and not hasattr(model, 'roi_head'):
         raise ExportError(f'--end2end exports detectors (RetinaNet, Mask R-CNN) with their '
                           f'post-processing; a {type(model).__name__} has none: drop --end2end')
-    if dynamic:
-        raise ExportError('--end2end is static: the anchors of the exported size are graph '
-                          'constants. Drop --dynamic (one file per input size).')
     if batch != 1:
         raise ExportError(f'--end2end exports batch 1 (ONNX NonMaxSuppression output is '
-                          f'written for one image); got --batch {batch}')
+                          f'written for one image; --dynamic frees height and width only); '
+                          f'got --batch {batch}')
     if hasattr(model, 'roi_head'):
-        return TwoStageEnd2End(model, shape)
-    return SingleStageEnd2End(model, shape)
+        return TwoStageEnd2End(model)
+    return SingleStageEnd2End(model)
 
 
 def compare_detections(outs, refs, box_atol_of_max=2e-4, score_atol=1e-5):

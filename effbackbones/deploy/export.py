@@ -336,7 +336,10 @@ def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None):
         names = part.output_names(len(ref))
         # outputs whose size depends on the data (the end-to-end detector's K)
         dynamic_axes = dict(getattr(part, 'output_dynamic_axes', {})) or None
-        if dynamic:
+        if dynamic and getattr(part, 'output_dynamic_axes', None):
+            # an end-to-end detector: batch 1, free height / width
+            dynamic_axes['input'] = {2: 'height', 3: 'width'}
+        elif dynamic:
             dynamic_axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
             dynamic_axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'}
                                  for n in names})
@@ -382,15 +385,18 @@ def check_onnx_parity(path, part, inputs, backend='onnxruntime', threads=None):
     return reports
 
 
-def parity_inputs(in_channels, shape, batch, dynamic, size_divisor=32, seed=0):
+def parity_inputs(in_channels, shape, batch, dynamic, size_divisor=32, seed=0,
+                  dynamic_batch=True):
     """Random inputs for the parity check: the export size, and for a dynamic export a second,
-    different size (and batch) that a graph with a frozen size would get wrong."""
+    different size (and batch, unless ``dynamic_batch`` is False) that a graph with a frozen
+    size would get wrong."""
     g = torch.Generator().manual_seed(seed)
     h, w = shape
     xs = [torch.randn(batch, in_channels, h, w, generator=g)]
     if dynamic:
         d = size_divisor or 32
-        xs.append(torch.randn(batch + 1, in_channels, h + d, w + 2 * d, generator=g))
+        xs.append(torch.randn(batch + int(dynamic_batch), in_channels, h + d, w + 2 * d,
+                              generator=g))
     return xs
 
 
@@ -426,15 +432,17 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
         backbone.pin_attention_biases(tuple(int(s) for s in shape))
     if end2end:
         from .detection import end2end_part
-        part = end2end_part(model, shape, batch, dynamic).eval()
+        part = end2end_part(model, batch).eval()
     else:
         part = exportable_part(model).eval()
-    inputs = parity_inputs(backbone.in_channels, shape, batch, dynamic, backbone.size_divisor)
+    inputs = parity_inputs(backbone.in_channels, shape, batch, dynamic, backbone.size_divisor,
+                           dynamic_batch=not end2end)
     if backbone.size_divisor:
         metadata = dict(metadata or {}, **{SIZE_DIVISOR_KEY: str(backbone.size_divisor)})
     export_module(part, inputs[0], out, dynamic=dynamic, opset=opset, metadata=metadata)
+    free = 'height/width' if end2end else 'batch/height/width'
     log(f'wrote {out} ({part.part}, input {"x".join(map(str, inputs[0].shape))}'
-        f'{", dynamic batch/height/width" if dynamic else ", static"}, '
+        f'{f", dynamic {free}" if dynamic else ", static"}, '
         f'{osp.getsize(out) / 2 ** 20:.1f} MiB)')
     if not check:
         return []

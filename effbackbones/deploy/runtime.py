@@ -107,7 +107,8 @@ class RuntimeSession:
             raise ValueError(
                 f'{self.path} was exported for input {want}; got {got}. Export it again with '
                 f'--shape {x.shape[2]} {x.shape[3]} (and --batch {x.shape[0]}), or with '
-                f'--dynamic (any backbone family; not an --end2end detector).')
+                f'--dynamic (any backbone family; an --end2end detector: free height and '
+                f'width, batch 1).')
         d = int(self.metadata.get(SIZE_DIVISOR_KEY, 0))
         if d and (x.shape[2] % d or x.shape[3] % d):
             raise ValueError(
