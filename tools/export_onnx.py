@@ -12,13 +12,14 @@ tolerance).
         --checkpoint work_dirs/semfpn_swiftformer_l1/iter_40000.pth --shape 512 512 --out semfpn.onnx
     # a whole detector: RetinaNet -> dets (1, K, 5) [x1, y1, x2, y2, score], labels (1, K);
     # Mask R-CNN -> dets, labels, masks (1, K, 28, 28);
-    # NMS / RoIAlign in the graph (ONNX NonMaxSuppression / RoiAlign); static size, batch 1
+    # NMS / RoIAlign in the graph (ONNX NonMaxSuppression / RoiAlign); batch 1, static size
+    # unless --dynamic (free height / width)
     python tools/export_onnx.py --config configs/retinanet_mobileformer_26m.py \\
         --checkpoint epoch_12.pth --shape 800 1344 --end2end --out retinanet_end2end.onnx
 
 ``--dynamic`` makes batch, height and width free (every backbone family; the attention biases
 of EfficientFormer v1 / V2 and LeViT are then computed in the graph from the input's size; an
-``--end2end`` detector stays static).
+``--end2end`` detector gets free height and width, its anchors computed from them, batch 1).
 Exit status 2 with a message for a request that cannot be met, 1 when the parity check fails.
 See docs/deploy.md.
 """
@@ -41,11 +42,12 @@ def parse_args(argv=None):
     p.add_argument('--out-indices', type=int, nargs='+', help='maps to return (with --model)')
     p.add_argument('--shape', type=int, nargs=2, required=True, metavar=('H', 'W'))
     p.add_argument('--batch', type=int, default=1)
-    p.add_argument('--dynamic', action='store_true', help='free batch / height / width')
+    p.add_argument('--dynamic', action='store_true',
+                   help='free batch / height / width (--end2end: height / width)')
     p.add_argument('--end2end', action='store_true',
                    help='with --config of a detector (RetinaNet, Mask R-CNN): the whole model '
-                        'with its post-processing, image -> dets, labels (, masks); static, '
-                        'batch 1')
+                        'with its post-processing, image -> dets, labels (, masks); batch 1, '
+                        'static unless --dynamic (free height / width)')
     p.add_argument('--no-deploy', action='store_true',
                    help='export the eager backbone (BN not folded)')
     p.add_argument('--no-check', action='store_true', help='skip the onnxruntime parity check')
