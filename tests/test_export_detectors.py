@@ -12,6 +12,10 @@ circle / square / triangle), with random-weight checkpoints.
   (``--end2end``: RPN, RoIAlign, NMS, mask head in the graph), mmdet's detections and the
   PyTorch mask probabilities in both runtimes, and through tools/test.py the checkpoint's
   predictions (pasted masks included) and bbox / segm mAP;
+* --end2end --dynamic (free height / width, batch 1): the graph's anchors are mmdet's at any map
+  size; RetinaNet and Mask R-CNN files exported at 256x320 give mmdet's detections at other,
+  non-square sizes in both runtimes, and through tools/test.py on a set whose images reach the
+  network at two sizes the checkpoint's predictions and mAP;
 * --end2end requests that cannot be met fail with what to do instead.
 """
 import os

@@ -7,9 +7,11 @@ ops (``TopK``, ``NonMaxSuppression``, ``RoiAlign``, ``Gather``...).
 
 1. per level: sigmoid of the class logits, ``TopK`` of ``nms_pre`` over the (anchor, class)
    pairs (mmdet's ``filter_scores_and_topk``: the top ``nms_pre`` pairs above ``score_thr``
-   are the top ``nms_pre`` pairs of all, then those above the threshold);
-2. the anchors of the exported size as graph constants, ``DeltaXYWHBBoxCoder`` decoding (means /
-   stds, ``wh_ratio_clip`` 16/1000, centre clamp if configured) clamped to the exported input;
+   are the top ``nms_pre`` pairs of all, then those above the threshold; ``k`` taken from the
+   level's size in the graph);
+2. the anchors computed in the graph from each level's map size (:class:`AnchorCandidates`),
+   ``DeltaXYWHBBoxCoder`` decoding (means / stds, ``wh_ratio_clip`` 16/1000, centre clamp if
+   configured) clamped to the input's size;
 3. ``min_bbox_size``: boxes not wider and higher than it are dropped;
 4. per-class NMS with ONNX ``NonMaxSuppression``: boxes ``(1, N, 4)``, scores ``(1, C, N)``
    holding each candidate's score in its own class row (``-1`` elsewhere and for dropped
@@ -26,7 +28,10 @@ threshold); each proposal pooled by ONNX ``RoiAlign`` (mmcv RoIAlign ``aligned=T
 class NMS over the (RoI, class) pairs; the mask head on the kept boxes, sigmoid, the label's
 channel.
 
-Outputs: ``dets (1, K, 5)`` float32 ``[x1, y1, x2, y2, score]`` in the exported input's pixels
+Nothing in the graph is a constant of the traced size: exported with free height / width
+(``--dynamic``, batch 1) a file takes any input size.
+
+Outputs: ``dets (1, K, 5)`` float32 ``[x1, y1, x2, y2, score]`` in the input's pixels
 (the padded network input; the runtime wrapper clamps to the image and divides by the sample's
 ``scale_factor``), ``labels (1, K)`` int64, ``K <= max_per_img`` dynamic (no padding rows), and
 for Mask R-CNN ``masks (1, K, M, M)`` the mask probabilities of each box (M = 28), which the
