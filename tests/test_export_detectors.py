@@ -271,7 +271,7 @@ def test_maskrcnn_end2end_matches_mmdet_predict(det, tmp_path):
     and the PyTorch graph's mask probabilities on a synthetic image and on noise."""
     from mmdet.structures import DetDataSample
     from effbackbones.deploy import RuntimeSession, build_from_config, export
-    from effbackbones.deploy.detection import TwoStageEnd2End, compare_detections
+    from effbackbones.deploy.detection import TwoStageEnd2End
     cfg = det['maskrcnn']
     model, _ = build_from_config(cfg['config'], cfg['ckpt'])
     out = str(tmp_path / 'end2end.onnx')
@@ -291,14 +291,23 @@ def test_maskrcnn_end2end_matches_mmdet_predict(det, tmp_path):
         assert len(ref.scores) == model.roi_head.test_cfg.max_per_img
         assert graph[2].shape == (1, len(ref.scores), 28, 28)
         refs = [torch.cat([ref.bboxes, ref.scores[:, None]], 1)[None], ref.labels[None]]
-        ok, report = compare_detections(graph[:2], refs)
-        assert ok, f'PyTorch graph: {report}'
-        for sess in sessions:
-            outs = sess(x)
-            ok, report = compare_detections(outs[:2], refs)
-            assert ok, f'{sess.backend}: {report}'
+        _check_end2end_outputs(graph, refs, sessions, x, masks=True)
+
+
+def _check_end2end_outputs(graph, refs, sessions, x, masks=False):
+    """The PyTorch graph's detections and each runtime's equal to mmdet's ``refs`` (as sets);
+    with ``masks`` the runtimes' masks equal to the graph's."""
+    from effbackbones.deploy.detection import compare_detections
+    where = f'input {tuple(x.shape)}'
+    ok, report = compare_detections(graph[:2], refs)
+    assert ok, f'PyTorch graph, {where}: {report}'
+    for sess in sessions:
+        outs = sess(x)
+        ok, report = compare_detections(outs[:2], refs)
+        assert ok, f'{sess.backend}, {where}: {report}'
+        if masks:
             ok, report = compare_detections(outs, graph)
-            assert ok, f'{sess.backend} masks: {report}'
+            assert ok, f'{sess.backend} masks, {where}: {report}'
 
 
 @pytest.mark.slow
@@ -351,7 +360,7 @@ def test_dynamic_end2end_matches_mmdet_predict_at_other_sizes(det, name, tmp_pat
     onnxruntime and OpenVINO at other, non-square sizes (anchors, top-k sizes and box clamp
     follow the input), Mask R-CNN's masks the PyTorch graph's; batch stays 1."""
     from effbackbones.deploy import RuntimeSession, build_from_config, export
-    from effbackbones.deploy.detection import compare_detections, end2end_part
+    from effbackbones.deploy.detection import end2end_part
     cfg = det[name]
     model, _ = build_from_config(cfg['config'], cfg['ckpt'])
     out = str(tmp_path / 'end2end_dynamic.onnx')
@@ -368,15 +377,7 @@ def test_dynamic_end2end_matches_mmdet_predict_at_other_sizes(det, name, tmp_pat
         assert len(refs[1][0]) > 0
         with torch.no_grad():
             graph = part(x)
-        ok, report = compare_detections(graph[:2], refs)
-        assert ok, f'PyTorch graph {tuple(x.shape)}: {report}'
-        for sess in sessions:
-            outs = sess(x)
-            ok, report = compare_detections(outs[:2], refs)
-            assert ok, f'{sess.backend} {tuple(x.shape)}: {report}'
-            if name == 'maskrcnn':
-                ok, report = compare_detections(outs, graph)
-                assert ok, f'{sess.backend} masks {tuple(x.shape)}: {report}'
+        _check_end2end_outputs(graph, refs, sessions, x, masks=name == 'maskrcnn')
     with pytest.raises(ValueError, match='exported for input 1x3x'):
         sessions[0](torch.zeros(2, 3, 256, 320))
 
