@@ -46,10 +46,10 @@ Dynamic ONNX export: while ``torch.onnx.export`` traces a forward, the grid size
 0-dim tensors (``x.shape``). When no pinned bias serves (a static export pins first, see below),
 the bias is then computed from them with the same rules as tensor ops
 (:meth:`RelPosBiasAttention._compute_bias_traced`): offsets from ``Range``, the pretrained table
-resized to ``max(side, table side)`` (ONNX ``Resize``, cubic, ``half_pixel``,
-``cubic_coeff_a=-0.75``: PyTorch's bicubic) and sliced, per-axis ``Gather``; in official mode the
-gathered dense matrix (a graph constant) resized to the runtime ``(Nq, Nk)`` one axis at a time
-by tap gathers (:func:`resize_dense_bias_traced`). So
+resized to ``max(side, table side)`` and sliced, per-axis ``Gather``; in official mode the
+gathered dense matrix (a graph constant) resized to the runtime ``(Nq, Nk)``. Both resizes are
+PyTorch's bicubic (``align_corners=False``, ``A = -0.75``) written per axis as tap gathers
+(:func:`_resize_axis_bicubic_traced`), not ONNX ``Resize``. So
 one file serves every input size. Eager and ``torch.compile`` never take this path (their sizes
 are ints).
 
@@ -182,20 +182,6 @@ def resize_dense_bias(gathered, q_len, k_len):
 # --------------------------------------------------------------------------------------------
 # the same rules on traced sizes (dynamic ONNX export)
 # --------------------------------------------------------------------------------------------
-def table_for_grid_traced(table, table_hw, grid_hw):
-    """:func:`table_for_grid` for a key grid whose sides are traced 0-dim tensors (the sizes a
-    traced ``x.shape`` gives), so the graph resizes and crops for the size it is run at: the
-    ``max`` is a tensor op (ONNX ``Clip``), the resize an ONNX ``Resize`` (an identity on a side
-    that keeps its size: cubic weights ``(0, 1, 0, 0)`` at integer positions), the crop a
-    ``Slice``."""
-    th, tw = table_hw
-    h, w = grid_hw
-    big = (torch.clamp(torch.as_tensor(h), min=th), torch.clamp(torch.as_tensor(w), min=tw))
-    grid = table.reshape(1, table.shape[0], th, tw).float()
-    full = F.interpolate(grid, size=big, mode='bicubic', align_corners=False)
-    return full[0, :, :h, :w].to(table.dtype)
-
-
 def _resize_axis_bicubic_traced(m, axis, out_len, a=-0.75):
     """PyTorch's bicubic resize (``align_corners=False``, ``A = -0.75``, border taps clamped)
     of ``m`` along one ``axis`` to a traced length, as four row gathers and a weighted sum:
@@ -217,6 +203,20 @@ def _resize_axis_bicubic_traced(m, axis, out_len, a=-0.75):
         idx = torch.clamp(first + k, 0, in_len - 1).to(torch.long)
         out = out + m.index_select(axis, idx) * w.reshape(view)
     return out
+
+
+def table_for_grid_traced(table, table_hw, grid_hw):
+    """:func:`table_for_grid` for a key grid whose sides are traced 0-dim tensors (the sizes a
+    traced ``x.shape`` gives), so the graph resizes and crops for the size it is run at: the
+    ``max`` is a tensor op (ONNX ``Clip``), the resize per axis by tap gathers
+    (:func:`_resize_axis_bicubic_traced`; an identity on a side that keeps its size: cubic
+    weights ``(0, 1, 0, 0)`` at integer positions), the crop a ``Slice``."""
+    th, tw = table_hw
+    h, w = grid_hw
+    grid = table.reshape(table.shape[0], th, tw).float()
+    grid = _resize_axis_bicubic_traced(grid, 1, torch.clamp(torch.as_tensor(h), min=th))
+    grid = _resize_axis_bicubic_traced(grid, 2, torch.clamp(torch.as_tensor(w), min=tw))
+    return grid[:, :h, :w].to(table.dtype)
 
 
 def resize_dense_bias_traced(gathered, q_len, k_len):
@@ -450,8 +450,7 @@ class RelPosBiasAttention(nn.Module):
 
     def _compute_bias_traced(self, q_hw, k_hw):
         """:meth:`_compute_bias` for grids whose sides are traced 0-dim tensors (dynamic ONNX
-        export): the same rules as tensor ops on the sizes (Range, Resize or tap gathers, Slice,
-        Gather)."""
+        export): the same rules as tensor ops on the sizes (Range, tap gathers, Slice, Gather)."""
         if self.bias_mode == 'official':
             return resize_dense_bias_traced(self.dense_bias_matrix(), q_hw[0] * q_hw[1],
                                             k_hw[0] * k_hw[1])
