@@ -230,12 +230,15 @@ def resize_dense_bias_traced(gathered, q_len, k_len):
 
 def gather_offset_bias_traced(grid_table, dy, dx):
     """:func:`gather_offset_bias` as two single-index gathers (ONNX ``Gather``) whose sizes
-    come from the traced offset tables: rows by ``|dy|``, then columns by ``|dx|``."""
+    come from the traced offset tables: columns by ``|dx|`` on the small table first, then rows
+    by ``|dy|``. (Rows first, OpenVINO 2026.4 on 2 threads returned wrong values from the
+    second, large gather for big square grids, e.g. 2 heads on a 64x64 token grid; in this order
+    it is right.)"""
     heads = grid_table.shape[0]
     (qh, kh), (qw, kw) = dy.shape, dx.shape
-    rows = grid_table.index_select(1, dy.reshape(-1))            # (h, qh*kh, W)
-    cols = rows.index_select(2, dx.reshape(-1))                  # (h, qh*kh, qw*kw)
-    bias = cols.reshape(heads, qh, kh, qw, kw).permute(0, 1, 3, 2, 4)
+    cols = grid_table.index_select(2, dx.reshape(-1))            # (h, H, qw*kw)
+    rows = cols.index_select(1, dy.reshape(-1))                  # (h, qh*kh, qw*kw)
+    bias = rows.reshape(heads, qh, kh, qw, kw).permute(0, 1, 3, 2, 4)
     return bias.reshape(heads, qh * qw, kh * kw)
 
 
