@@ -20,7 +20,7 @@ What is exported:
 Dynamic batch / height / width (``dynamic=True``) works for every family. SwiftFormer and
 Mobile-Former have no size-dependent tables; for the relative-position attention biases of
 EfficientFormer v1 / V2 (both ``bias_mode``\ s) and LeViT nothing is pinned, and the traced
-forward computes each bias from the input's sizes (Range / Resize / Slice / Gather, see
+forward computes each bias from the input's sizes (Range / tap gathers / Slice / Gather, see
 :mod:`effbackbones.models.attention_bias`), so the file holds the bias rule instead of one
 size's bias. The parity check runs such a file at a second size and batch as well.
 
