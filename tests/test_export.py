@@ -222,14 +222,29 @@ def test_dynamic_file_checks_the_side_rule(tmp_path):
         RuntimeSession(out, 'onnxruntime')(torch.zeros(1, 3, 70, 64))
 
 
-def test_static_file_refuses_another_size(tmp_path):
+def test_static_file_refuses_another_size_and_runs_batches_image_by_image(tmp_path):
+    """A static batch-1 file takes a batch of N images one by one (outputs concatenated: the
+    model's batch output); another size, or another batch for a file of batch > 1, is refused."""
     from effbackbones.deploy import RuntimeSession, build_backbone, export
-    model = build_backbone('SwiftFormer', 'xs', out_indices=(3,))
-    out = str(tmp_path / 'static.onnx')
+    model = build_backbone('SwiftFormer', 'xs', out_indices=(2, 3)).eval()
+    out, out2 = str(tmp_path / 'static.onnx'), str(tmp_path / 'static_b2.onnx')
     export(model, (128, 128), out, log=lambda *_: None)
     with pytest.raises(ValueError, match=r'exported for input 1x3x128x128; got 1x3x160x128.*'
                                          r'--shape 160 128'):
         RuntimeSession(out, 'onnxruntime')(torch.zeros(1, 3, 160, 128))
+    x = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        refs = model(x)
+    sess = RuntimeSession(out, 'onnxruntime')
+    assert sess.one_image_per_run
+    outs = sess(x)
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape
+        assert ((o - r).abs().max() / r.abs().max()).item() < 1e-5
+    export(model, (128, 128), out2, batch=2, log=lambda *_: None)
+    with pytest.raises(ValueError, match=r'exported for input 2x3x128x128; got 3x3x128x128.*'
+                                         r'--batch 3'):
+        RuntimeSession(out2, 'onnxruntime')(x)
 
 
 @pytest.mark.parametrize('args,message', [

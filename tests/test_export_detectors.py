@@ -10,8 +10,9 @@ circle / square / triangle), with random-weight checkpoints.
 * Mask R-CNN (the SwiftFormer-XS demo config): the backbone + neck file with the RPN / RoI heads
   in PyTorch (``--torch-weights``) gives PyTorch's predictions and bbox / segm mAP; end to end
   (``--end2end``: RPN, RoIAlign, NMS, mask head in the graph), mmdet's detections and the
-  PyTorch mask probabilities in both runtimes, and through tools/test.py the checkpoint's
-  predictions (pasted masks included) and bbox / segm mAP;
+  PyTorch mask probabilities in both runtimes, and through tools/test.py (two images per test
+  batch, run one by one) the checkpoint's predictions (pasted masks included) and bbox / segm
+  mAP;
 * --end2end --dynamic (free height / width, batch 1): the graph's anchors are mmdet's at any map
   size; RetinaNet and Mask R-CNN files exported at 256x320 give mmdet's detections at other,
   non-square sizes in both runtimes, and through tools/test.py on a set whose images reach the
@@ -313,7 +314,8 @@ def _check_end2end_outputs(graph, refs, sessions, x, masks=False):
 @pytest.mark.slow
 @pytest.mark.parametrize('backend', ['onnxruntime', 'openvino'])
 def test_maskrcnn_end2end_file_in_tools_test(det, pytorch_run, backend, tmp_path):
-    """tools/test.py with the end-to-end Mask R-CNN file alone: the checkpoint's predictions
+    """tools/test.py with the end-to-end Mask R-CNN file alone, two images per test batch (the
+    file takes one: the wrapper runs the batch image by image): the checkpoint's predictions
     (masks pasted into the image by mmdet's code) and bbox / segm mAP."""
     cfg = det['maskrcnn']
     onnx_file = str(tmp_path / 'maskrcnn_end2end.onnx')
@@ -321,7 +323,9 @@ def test_maskrcnn_end2end_file_in_tools_test(det, pytorch_run, backend, tmp_path
              '--end2end', '--out', onnx_file])
     log_pt, ref = pytorch_run('maskrcnn')
     log_rt, preds = _test_tool(cfg['config'], onnx_file, tmp_path / 'wd', tmp_path / 'rt.pkl',
-                               ['--backend', backend])
+                               ['--backend', backend,
+                                '--cfg-options', 'test_dataloader.batch_size=2'])
+    assert 'Epoch(test) [2/2]' in log_rt           # 3 images: a batch of 2, then 1
     assert _same_predictions(preds, ref, masks=True) > 0
     for metric in ('bbox', 'segm'):
         assert _metric(log_rt, metric) == _metric(log_pt, metric)
@@ -358,7 +362,8 @@ def _predict_refs(model, x):
 def test_dynamic_end2end_matches_mmdet_predict_at_other_sizes(det, name, tmp_path):
     """An end-to-end file exported with --dynamic at 256x320 returns mmdet's detections in
     onnxruntime and OpenVINO at other, non-square sizes (anchors, top-k sizes and box clamp
-    follow the input), Mask R-CNN's masks the PyTorch graph's; batch stays 1."""
+    follow the input), Mask R-CNN's masks the PyTorch graph's; batch stays 1 (a batch of
+    two runs image by image)."""
     from effbackbones.deploy import RuntimeSession, build_from_config, export
     from effbackbones.deploy.detection import end2end_part
     cfg = det[name]
@@ -378,8 +383,14 @@ def test_dynamic_end2end_matches_mmdet_predict_at_other_sizes(det, name, tmp_pat
         with torch.no_grad():
             graph = part(x)
         _check_end2end_outputs(graph, refs, sessions, x, masks=name == 'maskrcnn')
-    with pytest.raises(ValueError, match='exported for input 1x3x'):
-        sessions[0](torch.zeros(2, 3, 256, 320))
+    # a batch runs image by image: per output, one tensor per image (K differs per image)
+    xb = torch.randn(2, 3, 224, 352, generator=g)
+    for sess in sessions:
+        batched = sess(xb)
+        assert len(batched) == len(graph) and all(len(o) == 2 for o in batched)
+        for i in range(2):
+            for got, alone in zip(batched, sess(xb[i:i + 1])):
+                assert torch.equal(got[i], alone[0])
 
 
 @pytest.fixture(scope='module')

@@ -238,3 +238,32 @@ def test_benchmark_bfloat16_rows(tmp_path):
         assert float(row[7]) < 0.1, (name, row)
         # bfloat16 really ran: float32 runtimes agree with float32 eager to ~1e-6
         assert 1e-3 < float(row[8]) < 0.1, (name, row)
+
+
+def _write_test_metrics(work_dir, stamp, record):
+    """What mmengine writes for a tools/test.py run: ``<stamp>/<stamp>.json``."""
+    d = osp.join(work_dir, stamp)
+    os.makedirs(osp.join(d, 'vis_data'))
+    with open(osp.join(d, 'vis_data', 'scalars.json'), 'w') as f:
+        f.write(json.dumps({'loss': 9.0, 'mIoU': -1.0}) + '\n')     # not a test run's
+    with open(osp.join(d, stamp + '.json'), 'w') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def test_summarize_run_compares_a_deploy_metric_to_its_reference(tmp_path):
+    """The demo's deploy step: an exported file's metric must match the PyTorch run's last."""
+    ref, dep, far = (str(tmp_path / n) for n in ('torch', 'deploy', 'far'))
+    _write_test_metrics(ref, '20260101_000000', {'mIoU': 40.0})
+    _write_test_metrics(ref, '20260101_000100', {'mIoU': 55.5, 'aAcc': 90.0})     # the last
+    _write_test_metrics(dep, '20260101_000200', {'mIoU': 55.5})
+    _write_test_metrics(far, '20260101_000200', {'mIoU': 54.0})
+    script = 'tools/summarize_run.py'
+    same = run([PY, script, dep, '--metric', 'mIoU', '--reference', ref])
+    assert 'mIoU: 55.5 (PyTorch 55.5' in same.stdout and '-> same' in same.stdout
+    differ = run([PY, script, far, '--metric', 'mIoU', '--reference', ref], check=False)
+    assert differ.returncode == 4 and 'DIFFERENT' in differ.stdout
+    loose = run([PY, script, far, '--metric', 'mIoU', '--reference', ref, '--tolerance', '2'])
+    assert '-> same' in loose.stdout
+    missing = run([PY, script, dep, '--metric', 'coco/bbox_mAP', '--reference', ref],
+                  check=False)
+    assert missing.returncode == 1 and f'no coco/bbox_mAP in {dep}' in missing.stderr

@@ -3,7 +3,12 @@
 the test metrics, and a copy of one prediction picture. Exits non-zero if the run did not learn
 (loss not down, or the main metric is zero).
 
+With ``--reference``, WORK_DIR is the evaluation of an exported file (tools/test.py --backend):
+its metric is compared to that of the last tools/test.py run in the reference work dir (the
+PyTorch checkpoint's); exits non-zero when they differ by more than ``--tolerance``.
+
     python tools/summarize_run.py WORK_DIR --metric coco/bbox_mAP --picture outputs/x.png
+    python tools/summarize_run.py DEPLOY_DIR --metric mIoU --reference WORK_DIR
 """
 import argparse
 import glob
@@ -22,12 +27,42 @@ def _records(work_dir):
     return recs
 
 
+def _last_test_metric(work_dir, metric):
+    """``metric`` of the last tools/test.py run in ``work_dir`` (``<stamp>/<stamp>.json``)."""
+    values = []
+    for f in sorted(glob.glob(osp.join(work_dir, '*', '*.json'))):
+        if osp.basename(f) == osp.basename(osp.dirname(f)) + '.json':
+            with open(f) as fh:
+                values += [json.loads(line)[metric] for line in fh
+                           if line.strip() and metric in json.loads(line)]
+    return float(values[-1]) if values else None
+
+
+def compare_to_reference(work_dir, reference, metric, tolerance):
+    got, ref = _last_test_metric(work_dir, metric), _last_test_metric(reference, metric)
+    if got is None or ref is None:
+        missing = work_dir if got is None else reference
+        print(f'[summary] no {metric} in {missing}', file=sys.stderr)
+        return 1
+    same = abs(got - ref) <= tolerance
+    print(f'[summary] {work_dir}')
+    print(f'[summary]   {metric}: {got} (PyTorch {ref}, {reference}) -> '
+          f'{"same" if same else "DIFFERENT"} (tolerance {tolerance})')
+    return 0 if same else 4
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument('work_dir')
     p.add_argument('--metric', required=True, help='e.g. coco/bbox_mAP or mIoU')
     p.add_argument('--picture', help='copy one saved prediction picture here')
+    p.add_argument('--reference', help='WORK_DIR evaluated an exported file: compare its metric '
+                                       'to the last tools/test.py metric in this work dir')
+    p.add_argument('--tolerance', type=float, default=0.005,
+                   help='with --reference: largest accepted |metric - reference metric|')
     a = p.parse_args(argv)
+    if a.reference:
+        return compare_to_reference(a.work_dir, a.reference, a.metric, a.tolerance)
     recs = _records(a.work_dir)
     losses = [r['loss'] for r in recs if 'loss' in r]
     metrics = [r for r in recs if a.metric in r]

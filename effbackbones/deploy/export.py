@@ -336,8 +336,8 @@ def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None):
         names = part.output_names(len(ref))
         # outputs whose size depends on the data (the end-to-end detector's K)
         dynamic_axes = dict(getattr(part, 'output_dynamic_axes', {})) or None
-        if dynamic and getattr(part, 'output_dynamic_axes', None):
-            # an end-to-end detector: batch 1, free height / width
+        if dynamic and part.part.endswith('_end2end'):
+            # batch 1 (its post-processing handles one image), free height / width
             dynamic_axes['input'] = {2: 'height', 3: 'width'}
         elif dynamic:
             dynamic_axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}

@@ -98,11 +98,19 @@ class RuntimeSession:
     def part(self):
         return self.metadata.get(PART_KEY, 'backbone')
 
+    @property
+    def one_image_per_run(self):
+        """The file was exported for batch 1 (every ``--end2end`` detector, a static
+        ``--batch 1`` file): a batch of N images runs image by image (:meth:`__call__`)."""
+        return self.input_dims[0] == 1
+
     def check_input(self, x):
-        expected = self.input_dims
+        expected = list(self.input_dims)
+        if self.one_image_per_run:
+            expected[0] = None
         if len(expected) != x.dim() or any(
                 e is not None and e != s for e, s in zip(expected, x.shape)):
-            want = 'x'.join('?' if e is None else str(e) for e in expected)
+            want = 'x'.join('?' if e is None else str(e) for e in self.input_dims)
             got = 'x'.join(map(str, x.shape))
             raise ValueError(
                 f'{self.path} was exported for input {want}; got {got}. Export it again with '
@@ -117,7 +125,19 @@ class RuntimeSession:
                 f'data_preprocessor: pad_size_divisor={d} / size_divisor={d}) or resize.')
 
     def __call__(self, x):
+        """The file's outputs for ``x``, a list of tensors on ``x``'s device. A file of batch 1
+        given N > 1 images runs them one by one: the outputs are concatenated along the batch,
+        except an end-to-end detector's (the number of detections differs per image), which
+        come as one list per output of N per-image tensors (``(K_i, 5)``, ``(K_i,)``...)."""
         self.check_input(x)
+        if x.shape[0] == 1 or not self.one_image_per_run:
+            return self._run(x)
+        runs = [self._run(x[i:i + 1]) for i in range(x.shape[0])]
+        if self.part.endswith('_end2end'):
+            return [[run[k][0] for run in runs] for k in range(len(runs[0]))]
+        return [torch.cat(outs) for outs in zip(*runs)]
+
+    def _run(self, x):
         arr = np.ascontiguousarray(x.detach().cpu().float().numpy())
         if self.backend == 'onnxruntime':
             outs = self._sess.run(None, {self._input_name: arr})
@@ -201,14 +221,14 @@ def end2end_results(outs, batch_data_samples, rescale=True):
     pixels) as mmdet's ``InstanceData``, boxes clamped to the sample's ``img_shape`` and, with
     ``rescale``, divided by its ``scale_factor`` (mmdet's ``scale_boxes``)."""
     from mmengine.structures import InstanceData
-    dets, labels = outs
-    if len(batch_data_samples) != dets.shape[0]:
+    dets, labels = outs     # (N, K, 5) / (N, K), or N per-image tensors (RuntimeSession)
+    if len(batch_data_samples) != len(dets):
         raise ValueError(f'{len(batch_data_samples)} images in the batch, the file returned '
-                         f'detections for {dets.shape[0]}')
+                         f'detections for {len(dets)}')
     results = []
     for i, sample in enumerate(batch_data_samples):
         meta = sample.metainfo
-        boxes = dets[i, :, :4].clone()
+        boxes = dets[i][:, :4].clone()
         h, w = meta['img_shape'][:2]
         # the graph clamps to the (padded) input; mmdet clamps to the image inside it
         boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=w)
@@ -216,7 +236,7 @@ def end2end_results(outs, batch_data_samples, rescale=True):
         if rescale:
             sw, sh = meta['scale_factor']
             boxes = boxes * boxes.new_tensor([1 / sw, 1 / sh]).repeat(2)
-        results.append(InstanceData(bboxes=boxes, scores=dets[i, :, 4].clone(),
+        results.append(InstanceData(bboxes=boxes, scores=dets[i][:, 4].clone(),
                                     labels=labels[i].clone()))
     return results
 
@@ -232,7 +252,7 @@ def end2end_mask_results(roi_head, outs, batch_data_samples, rescale=True):
     thr = roi_head.test_cfg.mask_thr_binary
     for i, (res, sample) in enumerate(zip(results, batch_data_samples)):
         if len(res) == 0:
-            results[i] = empty_instances([sample.metainfo], dets.device, task_type='mask',
+            results[i] = empty_instances([sample.metainfo], dets[i].device, task_type='mask',
                                          instance_results=[res], mask_thr_binary=thr)[0]
             continue
         # the file already picked each box's class channel: index channel 0
