@@ -46,7 +46,7 @@ def compare_to_reference(work_dir, reference, metric, tolerance):
         return 1
     same = abs(got - ref) <= tolerance
     print(f'[summary] {work_dir}')
-    print(f'[summary]   {metric}: {got} (PyTorch {ref}, {reference}) -> '
+    print(f'[summary]   {metric}: {round(got, 4)} (PyTorch {round(ref, 4)}, {reference}) -> '
           f'{"same" if same else "DIFFERENT"} (tolerance {tolerance})')
     return 0 if same else 4
 
