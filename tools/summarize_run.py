@@ -33,8 +33,8 @@ def _last_test_metric(work_dir, metric):
     for f in sorted(glob.glob(osp.join(work_dir, '*', '*.json'))):
         if osp.basename(f) == osp.basename(osp.dirname(f)) + '.json':
             with open(f) as fh:
-                values += [json.loads(line)[metric] for line in fh
-                           if line.strip() and metric in json.loads(line)]
+                records = [json.loads(line) for line in fh if line.strip()]
+            values += [r[metric] for r in records if metric in r]
     return float(values[-1]) if values else None
 
 
