@@ -53,6 +53,8 @@ PART_KEY = 'effbackbones.part'
 SIZE_DIVISOR_KEY = 'effbackbones.size_divisor'
 PARTS = ('backbone', 'segmentor', 'single_stage', 'single_stage_end2end',
          'two_stage_features', 'two_stage_end2end')
+#: the whole detectors (post-processing in the graph): one image per run, K detections per image
+END2END_PARTS = ('single_stage_end2end', 'two_stage_end2end')
 
 
 class ExportError(ValueError):
@@ -336,7 +338,7 @@ def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None):
         names = part.output_names(len(ref))
         # outputs whose size depends on the data (the end-to-end detector's K)
         dynamic_axes = dict(getattr(part, 'output_dynamic_axes', {})) or None
-        if dynamic and part.part.endswith('_end2end'):
+        if dynamic and part.part in END2END_PARTS:
             # batch 1 (its post-processing handles one image), free height / width
             dynamic_axes['input'] = {2: 'height', 3: 'width'}
         elif dynamic:
@@ -458,6 +460,6 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
     return reports
 
 
-__all__ = ['OPSET', 'PARTS', 'PART_KEY', 'SIZE_DIVISOR_KEY', 'ExportError', 'ParityError',
-           'compare', 'build_backbone', 'build_from_config', 'exportable_part', 'check_request',
+__all__ = ['OPSET', 'PARTS', 'END2END_PARTS', 'PART_KEY', 'SIZE_DIVISOR_KEY', 'ExportError',
+           'ParityError', 'compare', 'build_backbone', 'build_from_config', 'exportable_part', 'check_request',
            'export_module', 'check_onnx_parity', 'parity_inputs', 'export']

@@ -15,7 +15,7 @@ import types
 import numpy as np
 import torch
 
-from .export import PART_KEY, PARTS, SIZE_DIVISOR_KEY
+from .export import END2END_PARTS, PART_KEY, PARTS, SIZE_DIVISOR_KEY
 
 BACKENDS = ('onnxruntime', 'openvino')
 #: inference precisions of :class:`RuntimeSession` (the file and its inputs / outputs stay float32)
@@ -133,7 +133,7 @@ class RuntimeSession:
         if x.shape[0] == 1 or not self.one_image_per_run:
             return self._run(x)
         runs = [self._run(x[i:i + 1]) for i in range(x.shape[0])]
-        if self.part.endswith('_end2end'):
+        if self.part in END2END_PARTS:
             return [[run[k][0] for run in runs] for k in range(len(runs[0]))]
         return [torch.cat(outs) for outs in zip(*runs)]
 
