@@ -27,13 +27,16 @@ from conftest import REPO, load_pack, make_weights
 PY = sys.executable
 SEG = 'configs/demo/semfpn_swiftformer_xs_shapes.py'
 
-# one variant per family (the smallest), the pack's release wrapper and model arguments
+# one variant per family (the smallest; Mobile-Former also 52M), the pack's release wrapper and
+# model arguments
 FAMILIES = [
     ('SwiftFormer', 'swiftformer', 'xs', 'model', {}),
     ('EfficientFormer', 'efficientformer', 'l1', 'model', {}),
     ('EfficientFormerV2', 'efficientformerv2', 's0', 'model', {}),
     ('LeViT', 'levit', '128s', 'model', dict(out_indices=(0, 1, 2, 3, 4))),
     ('MobileFormer', 'mobileformer', '26m', 'state_dict', {}),
+    # 26M's grouped 1x1 convs keep the multiplier depthwise convs; 52M's deploy form splits them
+    ('MobileFormer', 'mobileformer', '52m', 'state_dict', {}),
 ]
 
 
@@ -47,7 +50,7 @@ def _pack_checkpoint(family, variant, wrapper, tmp_path):
 
 @pytest.mark.parametrize('deploy', [False, True], ids=['eager', 'deploy'])
 @pytest.mark.parametrize('cls_name,family,variant,wrapper,kw', FAMILIES,
-                         ids=[f[1] for f in FAMILIES])
+                         ids=[f'{f[1]}_{f[2]}' for f in FAMILIES])
 def test_pack_parity_in_both_runtimes(cls_name, family, variant, wrapper, kw, deploy, tmp_path):
     from effbackbones.deploy import RuntimeSession, build_backbone, export
     mw = make_weights()

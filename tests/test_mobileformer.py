@@ -5,7 +5,8 @@ import torch.nn as nn
 
 from effbackbones import CheckpointError
 from effbackbones.checkpoint import load_pretrained
-from effbackbones.models.mobileformer import MobileFormer
+from effbackbones.models.mobileformer import (MobileFormer, PartMajorDepthwise,
+                                              is_multiplier_depthwise)
 from effbackbones.registry import MODELS
 
 from conftest import check_pack_parity, load_pack, make_weights, zero_state_dict
@@ -41,20 +42,52 @@ def _loaded(variant, tmp_path, **kw):
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_parity_through_init_cfg_eager_and_deploy(variant, tmp_path):
     """Authors' weights saved as their checkpoint saver does -> init_cfg -> same maps."""
-    n_hyper = []
+    n_hyper, n_multiplier = [], []
 
     def loaded(model, pack):
         assert sum(p.numel() for p in model.parameters()) == pack['params_dense']
         n_hyper.append(sum(isinstance(m, nn.Linear) for m in model.modules()))
+        n_multiplier.append(sum(map(is_multiplier_depthwise, model.modules())))
+        assert n_multiplier[0] >= 7
 
     def deployed(model, pack):
         # every conv->BN pair folded (no BatchNorm left), dynamic ReLU untouched
         assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
         assert sum(isinstance(m, nn.Linear) for m in model.modules()) == n_hyper[0]
         assert not model.training and model.deploy
+        # channel-multiplier depthwise convs became plain ones (their readers reordered),
+        # except where a grouped 1x1 conv reads them (26M), whose groups a reorder would break
+        multiplier = sum(map(is_multiplier_depthwise, model.modules()))
+        split = sum(isinstance(m, PartMajorDepthwise) for m in model.modules())
+        assert (multiplier, split) == ((n_multiplier[0], 0) if variant == '26m'
+                                       else (0, n_multiplier[0]))
 
     check_pack_parity(MobileFormer, 'mobileformer', variant, tmp_path, wrapper='state_dict',
                       on_loaded=loaded, on_deploy=deployed)
+
+
+def test_block_deploy_twice_keeps_the_split_and_the_values():
+    """A block's own ``switch_to_deploy`` run again (the backbone guards only its own call)
+    neither splits nor reorders a second time."""
+    torch.manual_seed(0)
+    model = MobileFormer('52m', return_tokens=True).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        ref = model(x)
+        model.switch_to_deploy()
+        once = model(x)
+        for m in model.modules():
+            if m is not model and hasattr(m, 'switch_to_deploy'):
+                m.switch_to_deploy()
+        twice = model(x)
+    assert sum(isinstance(m, PartMajorDepthwise) for m in model.modules()) == 7
+    for a, b, r in zip(once, twice, ref):
+        assert torch.equal(a, b)
+        assert (a - r).abs().max() <= 1e-5 * r.abs().max()
 
 
 @pytest.mark.parametrize('variant', VARIANTS)

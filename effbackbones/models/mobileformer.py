@@ -125,6 +125,60 @@ def dynamic_relu(x, coeffs, scale=2.0, slopes=False):
     return torch.max(x * a1, x * a2)
 
 
+class PartMajorDepthwise(nn.Module):
+    """Deploy form of a channel-multiplier depthwise conv (``C -> e * C``, ``groups=C``, output
+    ``c * e + k`` read from input ``c``): ``e`` plain depthwise convs (``parts[k]`` gives the
+    outputs ``c * e + k``), concatenated part-major, i.e. output ``k * C + c``. The layers that
+    read the map take its channels in that order (:func:`split_multiplier_depthwise_`).
+
+    Why: OpenVINO's CPU plugin runs a multiplier depthwise conv with its generic grouped
+    kernel and a plain one with its depthwise kernel; on an AVX2 CPU the nine multiplier convs
+    of Mobile-Former-294M took 20 of 72 ms at 512x512 (docs/deploy.md).
+    """
+
+    def __init__(self, conv):
+        super().__init__()
+        c, e = conv.in_channels, conv.out_channels // conv.in_channels
+        self.parts = nn.ModuleList()
+        for k in range(e):
+            part = nn.Conv2d(c, c, conv.kernel_size, conv.stride, conv.padding, groups=c,
+                             bias=conv.bias is not None).to(conv.weight)
+            part.weight.data.copy_(conv.weight[k::e])
+            if conv.bias is not None:
+                part.bias.data.copy_(conv.bias[k::e])
+            self.parts.append(part)
+
+    @staticmethod
+    def source_channels(channels, multiplier):
+        """For each output channel of the part-major map, the multiplier conv's channel it is."""
+        return torch.arange(channels * multiplier).reshape(channels, multiplier).t().reshape(-1)
+
+    def forward(self, x):
+        return torch.cat([part(x) for part in self.parts], dim=1)
+
+
+def is_multiplier_depthwise(conv):
+    return (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels
+            and conv.out_channels > conv.in_channels)
+
+
+@torch.no_grad()
+def split_multiplier_depthwise_(seq, reader):
+    """Replace the multiplier depthwise conv ``seq[0]`` by a :class:`PartMajorDepthwise` and
+    take the dense 1x1 conv ``reader``'s input channels in the new order. Returns the order
+    (new channel -> old channel) for whatever else is per channel of the map (dynamic-ReLU
+    slopes), or None where nothing changed: already split, no multiplier, or a grouped /
+    shuffled reader (26M), whose channel groups a reordering would break."""
+    conv = seq[0]
+    if not is_multiplier_depthwise(conv) or reader.groups != 1:
+        return None
+    order = PartMajorDepthwise.source_channels(conv.in_channels,
+                                               conv.out_channels // conv.in_channels)
+    seq[0] = PartMajorDepthwise(conv)
+    reader.weight.data = reader.weight.data[:, order.to(reader.weight.device)].clone()
+    return order
+
+
 # --------------------------------------------------------------------------------------------
 # bridges and the Former
 # --------------------------------------------------------------------------------------------
@@ -309,6 +363,8 @@ class ConvOnlyBlock(nn.Module):
 
     def switch_to_deploy(self):
         fold_conv_bn_pairs_(self.conv)
+        # ReLU6 and the (identity) shuffle are per channel: only the 1x1 conv reads the order
+        split_multiplier_depthwise_(self.conv, self.conv[4])
 
 
 class _BridgedBlock(nn.Module):
@@ -454,6 +510,24 @@ class DoubleDepthwiseBlock(_BridgedBlock):
         if self.identity:
             out = out + x
         return out, tokens
+
+    @torch.no_grad()
+    def switch_to_deploy(self):
+        """The bridged block's deploy form, and both multiplier depthwise convs split into
+        plain ones (:func:`split_multiplier_depthwise_`): the dynamic-ReLU slopes ``(a1 | a2)``
+        of each map follow its new channel order."""
+        super().switch_to_deploy()
+        offset = 0
+        for dw, reader, rows in ((self.conv1, self.conv2[0], self.hyper_split[0]),
+                                 (self.conv3, self.conv4[0], self.hyper_split[1])):
+            order = split_multiplier_depthwise_(dw, reader)
+            if order is not None:
+                index = torch.arange(sum(self.hyper_split))
+                index[offset:offset + rows] = offset + torch.cat([order, order + rows // 2])
+                for name in ('hyp_weight', 'hyp_bias', 'hyp_lo', 'hyp_hi'):
+                    buf = getattr(self, name)
+                    setattr(self, name, buf[index.to(buf.device)].clone())
+            offset += rows
 
 
 class MobileFormerBlocks(BlockStage, nn.Sequential):
