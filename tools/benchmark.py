@@ -219,13 +219,29 @@ def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=
     return times, diffs, diffs32, errors
 
 
-def gemm_rate(device='cpu', dtype=torch.float32, n=2048, repeats=10):
-    """Float32 matrix-multiply rate of this process (FLOP/s, 2 n^3 per product; best of
-    ``repeats`` after a warm-up), the machine peak the % column refers to."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float('inf')
+def gemm_rate(device='cpu', dtype=torch.float32, n=2048, repeats=10, budget_s=0.25):
+    """Matrix-multiply rate of this process in ``dtype`` (FLOP/s, 2 n^3 per product; best of
+    ``repeats`` after a warm-up), the machine peak the % column refers to. ``n`` shrinks (a
+    multiple of 64, at least 256) so one product takes about ``budget_s`` at the rate of a
+    256 probe: a dtype the CPU only emulates (bfloat16 without native support: ~1 GFLOP/s on
+    an AVX2 CPU) would otherwise take minutes at 2048."""
+
+    def product_time(size):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        _sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        return time.perf_counter() - t
+
     with torch.inference_mode():
+        product_time(256)
+        probe = 2 * 256 ** 3 / product_time(256)
+        n = min(n, max(256, int((probe * budget_s / 2) ** (1 / 3)) // 64 * 64))
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        best = float('inf')
         for i in range(repeats + 2):
             _sync(device)
             t = time.perf_counter()
