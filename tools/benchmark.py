@@ -219,27 +219,30 @@ def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=
     return times, diffs, diffs32, errors
 
 
-def gemm_rate(device='cpu', dtype=torch.float32, n=2048, repeats=10, budget_s=0.25):
+def gemm_rate(device='cpu', dtype=torch.float32, n=2048, repeats=10, budget_s=1.0):
     """Matrix-multiply rate of this process in ``dtype`` (FLOP/s, 2 n^3 per product; best of
     ``repeats`` after a warm-up), the machine peak the % column refers to. ``n`` shrinks (a
     multiple of 64, at least 256) so one product takes about ``budget_s`` at the rate of a
     256 probe: a dtype the CPU only emulates (bfloat16 without native support: ~1 GFLOP/s on
     an AVX2 CPU) would otherwise take minutes at 2048."""
 
-    def product_time(size):
+    def product_times(size, count):
+        """Times of ``count`` products of the same two ``size x size`` matrices."""
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
-        _sync(device)
-        t = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        return time.perf_counter() - t
+        times = []
+        for _ in range(count):
+            _sync(device)
+            t = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        return times
 
     with torch.inference_mode():
-        product_time(256)
-        probe = 2 * 256 ** 3 / product_time(256)
+        probe = 2 * 256 ** 3 / product_times(256, 2)[1]
         n = min(n, max(256, int((probe * budget_s / 2) ** (1 / 3)) // 64 * 64))
-        best = min([product_time(n) for _ in range(repeats + 2)][2:])
+        best = min(product_times(n, repeats + 2)[2:])
     return 2 * n ** 3 / best
 
 
