@@ -7,7 +7,8 @@
 #   1. torch 2.13.0 CPU (pinned, from the local wheel folder: never a CUDA build from the registry)
 #   2. mmcv 2.1.0 *with ops*, built from source (~10-20 min on 2 cores the first time; pip caches
 #      the wheel afterwards so later runs take seconds)
-#   3. mmengine 0.10.7, mmdet 3.3.0, mmsegmentation 1.2.2 (+ ftfy, regex), pytest, and the deploy
+#   3. mmengine 0.10.7, mmdet 3.3.0, mmsegmentation 1.2.2 (+ ftfy, regex), pytest (+ pytest-xdist:
+#      tools/run_tests.sh runs the suite on every core), and the deploy
 #      runtimes: onnx 1.23.2, onnxruntime 1.32.0, openvino 2026.4.1 (CPU wheels; docs/deploy.md)
 #   4. effbackbones itself, editable
 # A stamp file records a finished set-up, so a second call returns at once.
@@ -16,7 +17,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${EFFB_VENV:-$ROOT/.venv}"
 PY_BOOT="${PYTHON:-python3}"
-STAMP_VERSION="5"   # bump when the pinned set below changes
+STAMP_VERSION="6"   # bump when the pinned set below changes
 STAMP="$VENV/.effbackbones-setup-$STAMP_VERSION"
 
 log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -78,11 +79,11 @@ else
   "$PY" -c "import mmcv.ops" || die "mmcv installed but mmcv.ops does not import: it was built without ops."
 fi
 
-log "3/4 mmengine 0.10.7, mmdet 3.3.0, mmsegmentation 1.2.2, ftfy, regex, pytest, onnx, onnxruntime, openvino"
+log "3/4 mmengine 0.10.7, mmdet 3.3.0, mmsegmentation 1.2.2, ftfy, regex, pytest, pytest-xdist, onnx, onnxruntime, openvino"
 # (torch and setuptools are not named here: pip would try to reconcile torch's metadata, which
 # asks for setuptools>=77, with the setuptools<70 mmcv needs; neither is required at run time.)
 pipq "mmengine==0.10.7" "mmdet==3.3.0" "mmsegmentation==1.2.2" ftfy regex pycocotools \
-  "pytest>=7" "numpy<2.3" || die "installing mmengine/mmdet/mmsegmentation failed (log above)"
+  "pytest>=7" "pytest-xdist==3.8.0" "numpy<2.3" || die "installing mmengine/mmdet/mmsegmentation failed (log above)"
 "$PY" -c "import mmdet, mmseg, mmengine" || die "mmdet/mmseg/mmengine do not import (see the pip output above)"
 # ONNX export and its CPU runtimes (tools/export_onnx.py, tools/test.py --backend, benchmark)
 pipq "onnx==1.23.2" "onnxruntime==1.32.0" "openvino==2026.4.1" "numpy<2.3" \
