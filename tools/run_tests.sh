@@ -15,6 +15,10 @@ bash "$ROOT/tools/setup_env.sh"
 cd "$ROOT"
 CORES="$(nproc 2>/dev/null || echo 2)"
 WORKERS="${EFFB_TEST_WORKERS:-$(( CORES < 4 ? CORES : 4 ))}"
+if ! [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "EFFB_TEST_WORKERS must be a whole number >= 1 (1: one process), got '$WORKERS'" >&2
+  exit 2
+fi
 if [ "$WORKERS" -gt 1 ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / WORKERS ))}"
   XDIST=(-n "$WORKERS" --dist loadfile)
