@@ -20,7 +20,8 @@ if ! [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 if [ "$WORKERS" -gt 1 ]; then
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / WORKERS ))}"
+  # at least one thread each (more workers than cores would give 0)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES > WORKERS ? CORES / WORKERS : 1 ))}"
   XDIST=(-n "$WORKERS" --dist loadfile)
 else
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
