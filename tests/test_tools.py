@@ -198,6 +198,13 @@ def test_benchmark_table_rows_and_output_agreement(tmp_path):
                 'eager', 'deploy', 'onnxruntime', 'openvino', '--out', str(out)], timeout=300)
     table = out.read_text()
     assert 'median of 3 (p90), interleaved in bursts of 2 back-to-back calls' in table
+    # the % column's peak: the best GEMM rate of PyTorch and of each timed runtime (PyTorch's
+    # MKL alone ran at half the runtimes' rate on an AMD EPYC)
+    m = re.search(r'float32 GEMM rate (\d+) GFLOP/s \(best of ([^)]*)\)', table)
+    assert m, table.splitlines()[0]
+    rates = {k: int(v) for k, v in (part.split() for part in m.group(2).split(', '))}
+    assert sorted(rates) == ['onnxruntime', 'openvino', 'torch'], rates
+    assert int(m.group(1)) == max(rates.values()) and min(rates.values()) > 0, m.group(0)
     rows = {r[2]: r for r in (line.split(' | ') for line in table.splitlines()
                               if line.startswith('| MobileFormer |'))}
     assert sorted(rows) == ['deploy', 'eager', 'onnxruntime', 'openvino'], proc.stdout

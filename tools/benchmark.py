@@ -19,8 +19,9 @@ images runs; ``--burst 1`` times only calls that follow the idle pause, which is
 every runtime); reported: median
 and p90 of per-call wall time (the runtimes' numpy conversions included), the speed-up over
 eager, the max abs difference of the outputs to eager relative to max|eager|, and the share of
-the machine's peak: ``2 * MACs / latency`` over the rate of a large matrix multiply in
-``--dtype`` measured at start in this process with the same threads (MACs counted as
+the machine's peak: ``2 * MACs / latency`` over the best rate of a large matrix multiply in
+``--dtype`` that PyTorch or one of the timed ONNX runtimes reaches in this process with the
+same threads, measured at start and after each model (MACs counted as
 tools/get_flops.py counts them, on the eager model). A runtime that fails to build or run (e.g.
 ``torch.compile`` without a working compiler) is reported in its row, not fatal.
 
@@ -220,10 +221,10 @@ def time_variants(variants, x, repeats, warmup, device, dtype, pause=0.2, burst=
 
 
 def gemm_rate(device='cpu', dtype=torch.float32, n=2048, repeats=10, budget_s=1.0):
-    """Matrix-multiply rate of this process in ``dtype`` (FLOP/s, 2 n^3 per product; best of
-    ``repeats`` after a warm-up), the machine peak the % column refers to. ``n`` shrinks (a
-    multiple of 64, at least 256) so one product takes about ``budget_s`` at the rate of a
-    256 probe: a dtype the CPU only emulates (bfloat16 without native support: ~1 GFLOP/s on
+    """PyTorch's matrix-multiply rate in ``dtype`` (FLOP/s, 2 n^3 per product; best of
+    ``repeats`` after a warm-up), one candidate for the peak the % column refers to. ``n``
+    shrinks (a multiple of 64, at least 256) so one product takes about ``budget_s`` at the rate
+    of a 256 probe: a dtype the CPU only emulates (bfloat16 without native support: ~1 GFLOP/s on
     an AVX2 CPU) would otherwise take minutes at 2048."""
 
     def product_times(size, count):
@@ -244,6 +245,55 @@ def gemm_rate(device='cpu', dtype=torch.float32, n=2048, repeats=10, budget_s=1.
         n = min(n, max(256, int((probe * budget_s / 2) ** (1 / 3)) // 64 * 64))
         best = min(product_times(n, repeats + 2)[2:])
     return 2 * n ** 3 / best
+
+
+def runtime_gemm_rates(runtimes, threads, precision, tmpdir, n=2048, repeats=10):
+    """``{runtime: FLOP/s}``: an ``n x n`` matrix multiply (a float32 ONNX ``MatMul``, second
+    operand a constant as a layer's weights) in each ONNX runtime of ``runtimes`` that runs
+    ``precision`` (:class:`RuntimeSession`; best of ``repeats`` after a warm-up). The
+    machine's peak is the best rate any of its libraries reaches: PyTorch's BLAS alone can be
+    far below it (MKL on an AMD EPYC with AVX-512: 202 GFLOP/s, onnxruntime 438, OpenVINO 420;
+    docs/deploy.md), and a % of peak above 100 says nothing."""
+    names = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
+    if not names:
+        return {}
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from effbackbones.deploy.runtime import RuntimeSession
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), 'weight')
+    graph = helper.make_graph(
+        [helper.make_node('MatMul', ['a', 'weight'], ['out'])], 'gemm',
+        [helper.make_tensor_value_info('a', TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info('out', TensorProto.FLOAT, [n, n])], [weight])
+    path = osp.join(tmpdir, f'gemm_{n}.onnx')
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)]), path)
+    a = torch.randn(n, n)
+    rates = {}
+    for name in names:
+        try:
+            session = RuntimeSession(path, name, threads=threads, precision=precision)
+        except ValueError:
+            continue     # a precision this runtime / CPU does not run: no rate
+        times = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            session(a)
+            times.append(time.perf_counter() - t)
+        rates[name] = 2 * n ** 3 / min(times[1:])
+    return rates
+
+
+def machine_gemm_rates(args, dtype, tmpdir):
+    """PyTorch's :func:`gemm_rate` and, on the CPU, :func:`runtime_gemm_rates` of the runtimes
+    this run times: ``{library: FLOP/s}``."""
+    rates = {'torch': gemm_rate(args.device, dtype)}
+    if args.device == 'cpu' and dtype in (torch.float32, torch.bfloat16):
+        rates.update(runtime_gemm_rates(args.runtimes, args.threads, str(dtype).split('.')[-1],
+                                        tmpdir))
+    return rates
 
 
 def model_macs(model, x):
@@ -275,7 +325,9 @@ def main(argv=None):
     h, w = args.shape
     machine = (f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
                if args.device == 'cpu' else torch.cuda.get_device_name())
-    peak = gemm_rate(args.device, dtype)
+    tmpdir = tempfile.TemporaryDirectory()
+    rates = machine_gemm_rates(args, dtype, tmpdir.name)
+    peak = max(rates.values())
     versions = [f'torch {torch.__version__}']
     for mod in ('onnxruntime', 'openvino'):
         if mod in args.runtimes:
@@ -286,9 +338,10 @@ def main(argv=None):
     header = (f'backbone latency, input {args.batch}x3x{h}x{w}, {args.dtype}, {args.device} '
               f'({machine}), {", ".join(versions)}, median of {args.repeats} (p90), interleaved'
               f'{f" in bursts of {args.burst} back-to-back calls" if args.burst > 1 else ""}; '
-              f'{args.dtype} GEMM rate {peak / 1e9:.0f} GFLOP/s; load average at start '
-              f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; max rel diff: max|out - '
-              f'eager| / max|eager|, eager in {args.dtype}')
+              f'{args.dtype} GEMM rate {peak / 1e9:.0f} GFLOP/s (best of '
+              f'{", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates.items())}); '
+              f'load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; '
+              f'max rel diff: max|out - eager| / max|eager|, eager in {args.dtype}')
     reduced = dtype != torch.float32
     if reduced:
         header += (f'; to float32 eager: the same against the float32 eager model on the same '
@@ -301,11 +354,11 @@ def main(argv=None):
     empty = ' |' * (len(columns) - 4)
     lines = [header, '', '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
     print(header, flush=True)
-    with tempfile.TemporaryDirectory() as tmpdir:
+    with tmpdir:
         for cls, arch in jobs:
             x = torch.randn(args.batch, 3, h, w, device=args.device, dtype=dtype)
             variants = build_variants(cls, arch, x, args.runtimes, not args.no_alternatives,
-                                      args.threads, tmpdir)
+                                      args.threads, tmpdir.name)
             macs = model_macs(variants[0][1], x)
             # before time_variants converts the eager model to the dtype
             ref32 = reference_outputs(variants[0][1], x) if reduced else None
@@ -314,7 +367,7 @@ def main(argv=None):
                 args.pause_ms / 1e3, args.burst, ref32)
             # the best GEMM rate seen (before and after each model): on a shared machine one
             # measurement can land in a busy moment
-            peak = max(peak, gemm_rate(args.device, dtype))
+            peak = max(peak, *machine_gemm_rates(args, dtype, tmpdir.name).values())
             eager = statistics.median(times['eager'])
             lines.append(f'| (GEMM peak so far: {peak / 1e9:.0f} GFLOP/s) |' + ' |' * (
                 len(columns) - 1))
