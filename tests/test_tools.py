@@ -4,9 +4,11 @@ processes, gloo), converter, FLOPs report, clear errors for missing data / weigh
 Runs the real scripts as subprocesses on a tiny synthetic dataset, for mmdet and mmseg.
 """
 import glob
+import importlib.util
 import json
 import os
 import os.path as osp
+import platform
 import re
 import subprocess
 import sys
@@ -205,12 +207,35 @@ def test_benchmark_table_rows_and_output_agreement(tmp_path):
     rates = {k: int(v) for k, v in (part.split() for part in m.group(2).split(', '))}
     assert sorted(rates) == ['onnxruntime', 'openvino', 'torch'], rates
     assert int(m.group(1)) == max(rates.values()) and min(rates.values()) > 0, m.group(0)
+    assert f'cpu ({_benchmark_module().cpu_description()}, 1 threads)' in table
     rows = {r[2]: r for r in (line.split(' | ') for line in table.splitlines()
                               if line.startswith('| MobileFormer |'))}
     assert sorted(rows) == ['deploy', 'eager', 'onnxruntime', 'openvino'], proc.stdout
     for name, row in rows.items():
         assert float(row[3]) > 0 and row[5].endswith('x'), row
         assert float(row[7].rstrip(' |')) < 2e-5, (name, row)     # max rel diff to eager
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location('effb_benchmark',
+                                                  osp.join(REPO, 'tools', 'benchmark.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_names_the_cpu(tmp_path):
+    """A table's header names the CPU model and the vector features the runtimes' kernels
+    depend on (read from /proc/cpuinfo); without that file, the platform's processor string."""
+    bench = _benchmark_module()
+    info = tmp_path / 'cpuinfo'
+    info.write_text('processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu sse avx2 '
+                    'avx512f avx512_bf16 fma\n\nprocessor\t: 1\nmodel name\t: Other\n')
+    assert bench.cpu_description(str(info)) == 'Some CPU 9000 (AVX512-BF16, AVX-512, AVX2)'
+    info.write_text('processor\t: 0\nmodel name\t: Old CPU\nflags\t\t: fpu sse sse2\n')
+    assert bench.cpu_description(str(info)) == 'Old CPU'
+    assert bench.cpu_description(str(tmp_path / 'missing')) == (platform.processor()
+                                                                or platform.machine())
 
 
 def test_benchmark_bfloat16_rows(tmp_path):

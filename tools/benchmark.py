@@ -286,6 +286,28 @@ def runtime_gemm_rates(runtimes, threads, precision, tmpdir, n=2048, repeats=10)
     return rates
 
 
+#: CPU flags (``/proc/cpuinfo``) -> what the header calls them, widest first: the runtimes'
+#: kernels (and whether bfloat16 is native) depend on them, so a table names them
+CPU_FEATURES = (('amx_tile', 'AMX'), ('avx512_bf16', 'AVX512-BF16'), ('avx512f', 'AVX-512'),
+                ('avx2', 'AVX2'))
+
+
+def cpu_description(cpuinfo='/proc/cpuinfo'):
+    """``'<model name> (<features>)'`` from ``cpuinfo``, e.g. ``'AMD EPYC (AVX512-BF16,
+    AVX-512, AVX2)'``; the platform's processor string where there is no such file."""
+    try:
+        with open(cpuinfo) as f:
+            fields = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines()
+                          if ':' in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get('flags', '').split())
+    name = fields.get('model name') or platform.processor() or platform.machine()
+    features = [label for flag, label in CPU_FEATURES if flag in flags]
+    return f'{name} ({", ".join(features)})' if features else name
+
+
 def machine_gemm_rates(args, dtype, tmpdir):
     """PyTorch's :func:`gemm_rate` and, on the CPU, :func:`runtime_gemm_rates` of the runtimes
     this run times: ``{library: FLOP/s}``."""
@@ -323,7 +345,7 @@ def main(argv=None):
         jobs = [(cls, a) for a in ([args.arch] if args.arch else list(cls.arch_zoo))]
     dtype = getattr(torch, args.dtype)
     h, w = args.shape
-    machine = (f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+    machine = (f'{cpu_description()}, {torch.get_num_threads()} threads'
                if args.device == 'cpu' else torch.cuda.get_device_name())
     tmpdir = tempfile.TemporaryDirectory()
     rates = machine_gemm_rates(args, dtype, tmpdir.name)
