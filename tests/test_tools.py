@@ -207,7 +207,7 @@ def test_benchmark_table_rows_and_output_agreement(tmp_path):
     rates = {k: int(v) for k, v in (part.split() for part in m.group(2).split(', '))}
     assert sorted(rates) == ['onnxruntime', 'openvino', 'torch'], rates
     assert int(m.group(1)) == max(rates.values()) and min(rates.values()) > 0, m.group(0)
-    assert f'cpu ({_benchmark_module().cpu_description()}, 1 threads)' in table
+    assert f'cpu ({_benchmark_module().cpu_description()}, 1 thread)' in table
     rows = {r[2]: r for r in (line.split(' | ') for line in table.splitlines()
                               if line.startswith('| MobileFormer |'))}
     assert sorted(rows) == ['deploy', 'eager', 'onnxruntime', 'openvino'], proc.stdout

@@ -345,7 +345,8 @@ def main(argv=None):
         jobs = [(cls, a) for a in ([args.arch] if args.arch else list(cls.arch_zoo))]
     dtype = getattr(torch, args.dtype)
     h, w = args.shape
-    machine = (f'{cpu_description()}, {torch.get_num_threads()} threads'
+    threads = torch.get_num_threads()
+    machine = (f'{cpu_description()}, {threads} thread{"s" if threads > 1 else ""}'
                if args.device == 'cpu' else torch.cuda.get_device_name())
     tmpdir = tempfile.TemporaryDirectory()
     rates = machine_gemm_rates(args, dtype, tmpdir.name)
