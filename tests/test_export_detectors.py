@@ -397,9 +397,16 @@ def test_dynamic_end2end_matches_mmdet_predict_at_other_sizes(det, name, tmp_pat
 def two_sizes(det):
     """The val images of ``det`` (128x160) and two of 80x200 as one COCO val set, with the
     configs of ``det`` testing on it: the test pipeline's keep-ratio resize gives 256x320 and
-    128x320 network inputs (multiples of 32: no padding)."""
+    128x320 network inputs (multiples of 32: no padding).
+
+    The images get a noise texture (+-48 grey levels): on a flat background neighbouring anchors
+    score equal to ~1e-6, and which of two such overlapping boxes NMS keeps then depends on the
+    CPU's rounding (on an AMD EPYC with AVX-512, OpenVINO kept the box 10 px to the side of
+    mmdet's, and the next suppression differed too), not on the file."""
     import json
-    import shutil
+
+    import cv2
+    import numpy as np
     from effbackbones.datasets.synthetic import make_shapes_dataset
     tmp = det['tmp']
     wide = make_shapes_dataset(str(tmp / 'wide'), num_train=1, num_val=2, size=(80, 200),
@@ -416,8 +423,10 @@ def two_sizes(det):
         ids = {}
         for img in coco['images']:
             ids[img['id']] = len(merged['images']) + 1
-            shutil.copy(osp.join(src, 'val', img['file_name']), root / 'val' /
-                        (prefix + img['file_name']))
+            pixels = cv2.imread(osp.join(src, 'val', img['file_name'])).astype(np.int16)
+            noise = np.random.RandomState(ids[img['id']]).randint(-48, 49, pixels.shape)
+            cv2.imwrite(str(root / 'val' / (prefix + img['file_name'])),
+                        np.clip(pixels + noise, 0, 255).astype(np.uint8))
             merged['images'].append(dict(img, id=ids[img['id']],
                                          file_name=prefix + img['file_name']))
         for ann in coco['annotations']:
