@@ -399,10 +399,13 @@ def two_sizes(det):
     configs of ``det`` testing on it: the test pipeline's keep-ratio resize gives 256x320 and
     128x320 network inputs (multiples of 32: no padding).
 
-    The images get a noise texture (+-48 grey levels): on a flat background neighbouring anchors
-    score equal to ~1e-6, and which of two such overlapping boxes NMS keeps then depends on the
-    CPU's rounding (on an AMD EPYC with AVX-512, OpenVINO kept the box 10 px to the side of
-    mmdet's, and the next suppression differed too), not on the file."""
+    The images get a noise texture (+-48 grey levels): on their flat backgrounds neighbouring
+    anchors scored equal to ~1e-6, and which of two such overlapping boxes NMS keeps then
+    depends on the CPU's rounding, not on the file (on an AMD EPYC with AVX-512, OpenVINO kept
+    the box 10 px to the side of mmdet's, and the next suppression differed too). The texture
+    makes such ties rarer, not impossible: the random-weight heads score many anchors alike
+    (Mask R-CNN's RPN within 0.5001-0.5003); +-8 levels still left ties, and this texture
+    matched mmdet in both runtimes for both detectors on that CPU."""
     import json
 
     import cv2
