@@ -1,6 +1,7 @@
 """ONNX export of the detectors (tools/export_onnx.py --config) and their evaluation in a runtime
 (tools/test.py --backend) on a tiny synthetic COCO set (3 shapes images of 128x160, classes
-circle / square / triangle), with random-weight checkpoints.
+circle / square / triangle, with a noise texture against score ties), with random-weight
+checkpoints whose heads' scores are spread for the same reason.
 
 * RetinaNet (Mobile-Former-26M, narrow FPN / head): the raw-head file through tools/test.py in
   onnxruntime gives the PyTorch checkpoint's predictions and bbox mAP;
@@ -19,6 +20,7 @@ circle / square / triangle), with random-weight checkpoints.
   network at two sizes the checkpoint's predictions and mAP;
 * --end2end requests that cannot be met fail with what to do instead.
 """
+import glob
 import os
 import os.path as osp
 import pickle
@@ -26,6 +28,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +77,20 @@ metric = ['bbox', 'segm']
 """
 
 
+def _write_textured(src, dst, seed):
+    """``src`` plus a uniform noise texture of +-48 grey levels, written to ``dst``. On the
+    synthetic images' flat backgrounds neighbouring anchors score equal to ~1e-6, and which of
+    two such overlapping boxes NMS keeps then depends on the CPU's rounding, not on the file
+    (on an AMD EPYC with AVX-512 OpenVINO kept the box 10 px to the side of mmdet's, and the
+    next suppression differed too). The texture separates their scores, though not always
+    by more than the runtimes' rounding: the random-weight RetinaNet still scores neighbouring
+    anchors alike, and with one of five textures tried two of its tests hit a tie."""
+    import cv2
+    pixels = cv2.imread(src).astype(np.int16)
+    noise = np.random.RandomState(seed).randint(-48, 49, pixels.shape)
+    cv2.imwrite(dst, np.clip(pixels + noise, 0, 255).astype(np.uint8))
+
+
 @pytest.fixture(scope='module')
 def det(tmp_path_factory):
     """The synthetic COCO set, the two configs and random-weight checkpoints of them."""
@@ -84,6 +101,8 @@ def det(tmp_path_factory):
     shapes = str(tmp / 'shapes')
     make_shapes_dataset(shapes, num_train=1, num_val=3, size=(128, 160), max_objects=3)
     data_root = osp.join(shapes, 'coco') + '/'
+    for i, path in enumerate(sorted(glob.glob(osp.join(data_root, 'val', '*.png')))):
+        _write_textured(path, path, seed=i)
     out = dict(tmp=tmp, data_root=data_root)
     for name, base, body in (
             ('retinanet', 'configs/retinanet_mobileformer_26m.py', RETINA_BODY),
@@ -103,6 +122,16 @@ def det(tmp_path_factory):
                 torch.nn.init.normal_(head.retina_cls.weight, std=30.0)
                 head.retina_cls.bias.fill_(-4.0)
                 torch.nn.init.normal_(head.retina_reg.weight, std=1.0)
+        else:
+            # Mask R-CNN's random RPN scores every anchor 0.5001-0.5003 and its box head every
+            # class ~0.25: candidates tie to ~1e-6 at the top-k / NMS decisions, where a
+            # runtime's rounding can go the other way (seen: three of these tests failed in
+            # every runtime on textured images). RPN logits of std ~2 at stride 4 and spread
+            # class scores separate them (then those images matched mmdet, also with two other
+            # textures) and still leave the box head's 20 detections per image.
+            with torch.no_grad():
+                torch.nn.init.normal_(model.rpn_head.rpn_cls.weight, std=100.0)
+                torch.nn.init.normal_(model.roi_head.bbox_head.fc_cls.weight, std=5.0)
         ckpt = tmp / f'{name}.pth'
         torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
         out[name] = dict(config=str(cfg_path), ckpt=str(ckpt))
@@ -397,19 +426,10 @@ def test_dynamic_end2end_matches_mmdet_predict_at_other_sizes(det, name, tmp_pat
 def two_sizes(det):
     """The val images of ``det`` (128x160) and two of 80x200 as one COCO val set, with the
     configs of ``det`` testing on it: the test pipeline's keep-ratio resize gives 256x320 and
-    128x320 network inputs (multiples of 32: no padding).
-
-    The images get a noise texture (+-48 grey levels): on their flat backgrounds neighbouring
-    anchors scored equal to ~1e-6, and which of two such overlapping boxes NMS keeps then
-    depends on the CPU's rounding, not on the file (on an AMD EPYC with AVX-512, OpenVINO kept
-    the box 10 px to the side of mmdet's, and the next suppression differed too). The texture
-    makes such ties rarer, not impossible: the random-weight heads score many anchors alike
-    (Mask R-CNN's RPN within 0.5001-0.5003); +-8 levels still left ties, and this texture
-    matched mmdet in both runtimes for both detectors on that CPU."""
+    128x320 network inputs (multiples of 32: no padding), textured as ``det``'s
+    (:func:`_write_textured`)."""
     import json
-
-    import cv2
-    import numpy as np
+    import shutil
     from effbackbones.datasets.synthetic import make_shapes_dataset
     tmp = det['tmp']
     wide = make_shapes_dataset(str(tmp / 'wide'), num_train=1, num_val=2, size=(80, 200),
@@ -426,10 +446,12 @@ def two_sizes(det):
         ids = {}
         for img in coco['images']:
             ids[img['id']] = len(merged['images']) + 1
-            pixels = cv2.imread(osp.join(src, 'val', img['file_name'])).astype(np.int16)
-            noise = np.random.RandomState(ids[img['id']]).randint(-48, 49, pixels.shape)
-            cv2.imwrite(str(root / 'val' / (prefix + img['file_name'])),
-                        np.clip(pixels + noise, 0, 255).astype(np.uint8))
+            src_file = osp.join(src, 'val', img['file_name'])
+            dst_file = str(root / 'val' / (prefix + img['file_name']))
+            if src == det['data_root']:
+                shutil.copy(src_file, dst_file)       # textured already
+            else:
+                _write_textured(src_file, dst_file, seed=100 + ids[img['id']])
             merged['images'].append(dict(img, id=ids[img['id']],
                                          file_name=prefix + img['file_name']))
         for ann in coco['annotations']:
