@@ -257,19 +257,19 @@ def runtime_gemm_rates(runtimes, threads, precision, tmpdir, n=2048, repeats=10)
     names = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
     if not names:
         return {}
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     from effbackbones.deploy.runtime import RuntimeSession
-    rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), 'weight')
-    graph = helper.make_graph(
-        [helper.make_node('MatMul', ['a', 'weight'], ['out'])], 'gemm',
-        [helper.make_tensor_value_info('a', TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info('out', TensorProto.FLOAT, [n, n])], [weight])
     path = osp.join(tmpdir, f'gemm_{n}.onnx')
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)]), path)
+    if not osp.isfile(path):     # measured again after each model: one file per run
+        import numpy as np
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+        rng = np.random.default_rng(0)
+        weight = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), 'weight')
+        graph = helper.make_graph(
+            [helper.make_node('MatMul', ['a', 'weight'], ['out'])], 'gemm',
+            [helper.make_tensor_value_info('a', TensorProto.FLOAT, [n, n])],
+            [helper.make_tensor_value_info('out', TensorProto.FLOAT, [n, n])], [weight])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)]), path)
     a = torch.randn(n, n)
     rates = {}
     for name in names:
