@@ -26,13 +26,17 @@ def reference_dir():
         f'and the family folders (looked in {[c for c in _CANDIDATES if c]})')
 
 
-def make_weights():
-    """The pack helper module (``load_pack``, ``state_dict_from_pack``, ``compare_outputs``...)."""
-    path = osp.join(reference_dir(), 'make_weights.py')
-    spec = importlib.util.spec_from_file_location('effb_make_weights', path)
+def load_script(path, name):
+    """The Python file ``path`` (not on ``sys.path``) imported as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def make_weights():
+    """The pack helper module (``load_pack``, ``state_dict_from_pack``, ``compare_outputs``...)."""
+    return load_script(osp.join(reference_dir(), 'make_weights.py'), 'effb_make_weights')
 
 
 def official_bias_idxs(resolution, q_resolution=None, q_step=1):

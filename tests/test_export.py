@@ -22,7 +22,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import REPO, load_pack, make_weights
+from conftest import REPO, load_pack, load_script, make_weights
 
 PY = sys.executable
 SEG = 'configs/demo/semfpn_swiftformer_xs_shapes.py'
@@ -331,11 +331,8 @@ def test_bfloat16_refused_where_it_cannot_run(tmp_path):
 
 
 def test_tools_test_precision_needs_an_onnx_backend(monkeypatch):
-    import importlib.util
     monkeypatch.setenv('LOCAL_RANK', '0')     # parse_args sets it: restored afterwards
-    spec = importlib.util.spec_from_file_location('tools_test', osp.join(REPO, 'tools/test.py'))
-    tools_test = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tools_test)
+    tools_test = load_script(osp.join(REPO, 'tools/test.py'), 'tools_test')
     with pytest.raises(SystemExit, match=r'--precision bfloat16 applies to an ONNX file run with '
                                          r'--backend openvino'):
         tools_test.main([SEG, 'model.pth', '--precision', 'bfloat16'])

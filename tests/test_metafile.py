@@ -2,13 +2,12 @@
 backbone params/FLOPs recorded there are what tools/get_flops.py computes now."""
 import functools
 import glob
-import importlib.util
 import os.path as osp
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 
 def _models():
@@ -41,9 +40,7 @@ def _measure(class_name, arch, options=()):
     import torch
     import effbackbones  # noqa: F401
     from effbackbones.registry import MODELS
-    spec = importlib.util.spec_from_file_location('get_flops', osp.join(REPO, 'tools/get_flops.py'))
-    gf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gf)
+    gf = load_script(osp.join(REPO, 'tools/get_flops.py'), 'get_flops')
     model = MODELS.get(class_name)(arch=arch, **dict(options))
     flops, params = gf.count(model, (torch.randn(1, 3, 224, 224),))
     return params, flops

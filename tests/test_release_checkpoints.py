@@ -21,7 +21,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from conftest import REPO, load_pack, make_weights
+from conftest import REPO, load_pack, load_script, make_weights
 
 PY = sys.executable
 DET = 'configs/maskrcnn_efficientformer_l1.py'
@@ -87,11 +87,7 @@ def releases(tmp_path_factory):
 
 
 def _convert_tool(argv):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'effb_convert_checkpoint', osp.join(REPO, 'tools', 'convert_checkpoint.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(osp.join(REPO, 'tools', 'convert_checkpoint.py'), 'effb_convert_checkpoint')
     return mod.main(argv)
 
 

@@ -26,7 +26,7 @@ import types
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 PY = sys.executable
 DET = 'configs/demo/maskrcnn_swiftformer_xs_shapes.py'
@@ -400,12 +400,8 @@ def test_auto_resume_falls_back_to_previous_good_checkpoint(tmp_path):
 
 # -- on by default ------------------------------------------------------------------------------
 def test_hooks_on_by_default_in_configs_and_train_tool():
-    import importlib.util
     from mmengine.config import Config
-    spec = importlib.util.spec_from_file_location('effb_train_tool',
-                                                  osp.join(REPO, 'tools', 'train.py'))
-    train_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tool)
+    train_tool = load_script(osp.join(REPO, 'tools', 'train.py'), 'effb_train_tool')
     add_reliability_hooks = train_tool.add_reliability_hooks
     # every task base inherits the shared runtime base, which lists the hooks
     expected = ['effbackbones.ExactResumeHook', 'effbackbones.DivergenceGuardHook',

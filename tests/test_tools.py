@@ -4,7 +4,6 @@ processes, gloo), converter, FLOPs report, clear errors for missing data / weigh
 Runs the real scripts as subprocesses on a tiny synthetic dataset, for mmdet and mmseg.
 """
 import glob
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -16,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, load_pack, make_weights
+from conftest import REPO, load_pack, load_script, make_weights
 
 PY = sys.executable
 DET = 'configs/demo/maskrcnn_swiftformer_xs_shapes.py'
@@ -217,11 +216,7 @@ def test_benchmark_table_rows_and_output_agreement(tmp_path):
 
 
 def _benchmark_module():
-    spec = importlib.util.spec_from_file_location('effb_benchmark',
-                                                  osp.join(REPO, 'tools', 'benchmark.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(osp.join(REPO, 'tools', 'benchmark.py'), 'effb_benchmark')
 
 
 def test_benchmark_names_the_cpu(tmp_path):
