@@ -84,7 +84,7 @@ def _write_textured(src, dst, seed):
     (on an AMD EPYC with AVX-512 OpenVINO kept the box 10 px to the side of mmdet's, and the
     next suppression differed too). The texture separates their scores, though not always
     by more than the runtimes' rounding: the random-weight RetinaNet still scores neighbouring
-    anchors alike, and with one of five textures tried two of its tests hit a tie."""
+    anchors alike, and with one of four textures tried two of its tests hit a tie."""
     import cv2
     pixels = cv2.imread(src).astype(np.int16)
     noise = np.random.RandomState(seed).randint(-48, 49, pixels.shape)
@@ -127,8 +127,8 @@ def det(tmp_path_factory):
             # class ~0.25: candidates tie to ~1e-6 at the top-k / NMS decisions, where a
             # runtime's rounding can go the other way (seen: three of these tests failed in
             # every runtime on textured images). RPN logits of std ~2 at stride 4 and spread
-            # class scores separate them (then those images matched mmdet, also with two other
-            # textures) and still leave the box head's 20 detections per image.
+            # class scores separate them (then those images matched mmdet, as did six other
+            # textures tried) and still leave the box head's 20 detections per image.
             with torch.no_grad():
                 torch.nn.init.normal_(model.rpn_head.rpn_cls.weight, std=100.0)
                 torch.nn.init.normal_(model.roi_head.bbox_head.fc_cls.weight, std=5.0)
