@@ -68,6 +68,66 @@ def test_pack_parity_in_both_runtimes(cls_name, family, variant, wrapper, kw, de
         assert ok, f'{family} {variant} ({"deploy" if deploy else "eager"}, {backend}):\n{report}'
 
 
+def _op_count(path, op):
+    import onnx
+    return [n.op_type for n in onnx.load(path).graph.node].count(op)
+
+
+@pytest.mark.parametrize('variant', ['26m', '52m'])
+def test_openvino_tuned_export_matches_the_pack_in_both_runtimes(variant, tmp_path, capsys):
+    """tools/export_onnx.py --runtime openvino: Mobile-Former's bridges read the 16-64-channel
+    maps through SpaceToDepth; the export checks the file in both runtimes, and both match the
+    official pack."""
+    from effbackbones.deploy import RuntimeSession
+    sys.path.insert(0, osp.join(REPO, 'tools'))
+    import export_onnx
+    mw = make_weights()
+    pack, ckpt = _pack_checkpoint('mobileformer', variant, 'state_dict', tmp_path)
+    x = mw.input_from_pack(pack)
+    out = str(tmp_path / 'ov.onnx')
+    assert export_onnx.main(['--model', 'MobileFormer', '--arch', variant, '--checkpoint', ckpt,
+                             '--shape', *map(str, x.shape[2:]), '--batch', str(x.shape[0]),
+                             '--runtime', 'openvino', '--out', out]) == 0
+    log = capsys.readouterr().out
+    assert 'tuned for openvino' in log
+    assert '[onnxruntime vs PyTorch' in log and '[openvino vs PyTorch' in log
+    # at 224x224 blocks 2-6 write 24, 24, 48, 48, 64 channels (28x28, 14x14): their 5
+    # Former->Mobile bridges (a SpaceToDepth and a DepthToSpace each) and the Mobile->Former
+    # bridges of blocks 3-7, which read those maps
+    assert (_op_count(out, 'SpaceToDepth'), _op_count(out, 'DepthToSpace')) == (10, 5)
+    for backend in ('onnxruntime', 'openvino'):
+        ok, report = mw.compare_outputs(RuntimeSession(out, backend, threads=1)(x), pack)
+        assert ok, f'{variant} tuned for openvino, run in {backend}:\n{report}'
+
+
+def test_openvino_tuning_only_where_the_blocks_fit(tmp_path):
+    """The pixel blocks follow the traced sizes: 208x224 blocks the stride-8 maps (26x28) but
+    not the stride-16 ones (13x14, odd); a dynamic export is never tuned. Each file passes the
+    export's own parity checks (both runtimes for the static one), and the export leaves the
+    model untuned."""
+    from effbackbones.deploy import build_backbone, export
+    from effbackbones.models.mobileformer import FormerToMobile, MobileToFormer
+    model = build_backbone('MobileFormer', '52m')
+    static, dyn = str(tmp_path / 'static.onnx'), str(tmp_path / 'dyn.onnx')
+    reports = export(model, (208, 224), static, runtime='openvino', log=lambda *_: None)
+    assert [r.split(',')[0] for r in reports] == ['[onnxruntime vs PyTorch', '[openvino vs PyTorch']
+    # stride 8: the Former->Mobile bridges of blocks 2 and 3 and the Mobile->Former bridges of
+    # blocks 3 and 4 (the maps of blocks 4-6 are 13x14)
+    assert (_op_count(static, 'SpaceToDepth'), _op_count(static, 'DepthToSpace')) == (4, 2)
+    export(model, (224, 224), dyn, dynamic=True, runtime='openvino', log=lambda *_: None)
+    assert _op_count(dyn, 'SpaceToDepth') == 0
+    assert all(m.export_runtime is None for m in model.modules()
+               if isinstance(m, (MobileToFormer, FormerToMobile)))
+
+
+def test_openvino_pixel_block_rule():
+    from effbackbones.models.mobileformer import openvino_pixel_block
+    assert [openvino_pixel_block(c, 64, 64) for c in (12, 16, 19, 20, 24, 64, 65, 96)] == \
+        [1, 4, 4, 2, 2, 2, 1, 1]
+    assert openvino_pixel_block(16, 64, 66) == 1 and openvino_pixel_block(24, 26, 28) == 2
+    assert openvino_pixel_block(24, 13, 14) == 1
+
+
 def test_bias_tables_are_graph_constants(tmp_path):
     """A static export holds the attention biases as computed by PyTorch: no gather / Resize
     of the tables is left in the graph (the op behind EfficientFormer's 2e-4 in a naive

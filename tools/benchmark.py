@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Latency of effbackbones backbones in every runtime, on the same weights, side by side in one
 process: PyTorch eager, deploy (``switch_to_deploy()``), ``torch.compile`` of the deploy model,
-and the deploy model exported to ONNX and run in onnxruntime and OpenVINO.
+and the deploy model exported to ONNX and run in onnxruntime and OpenVINO, each runtime the
+static file tuned for it (``tools/export_onnx.py --runtime``; one file for both unless the model
+has a form of its own for a runtime, as Mobile-Former for OpenVINO).
 
     python tools/benchmark.py --model SwiftFormer --arch l1 --shape 512 512 --threads 2
     python tools/benchmark.py --model LeViT --arch 128s --shape 800 1344 --runtimes eager onnxruntime
@@ -120,17 +122,27 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
             variants.append(('torch.compile', None, f'failed: {_short(exc)}'))
     onnx_runtimes = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
     if onnx_runtimes and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16):
-        from effbackbones.deploy.export import BackboneMaps, export_module
+        from effbackbones.deploy.export import BackboneMaps, export_module, runtime_tuned
         from effbackbones.deploy.runtime import RuntimeSession
         precision = 'bfloat16' if x.dtype == torch.bfloat16 else 'float32'
-        path = osp.join(tmpdir or tempfile.mkdtemp(), f'{cls.__name__}_{arch}.onnx')
-        try:
-            # the file is float32 in any case (bfloat16 is an inference setting of OpenVINO)
-            export_module(BackboneMaps(copy.deepcopy(dep)), x.float(), path)
-            error = None
-        except Exception as exc:     # noqa: BLE001
-            error = f'export failed: {_short(exc)}'
+        tmpdir = tmpdir or tempfile.mkdtemp()
+        files = {}        # runtime the graph is tuned for -> (path, export error)
         for rt in onnx_runtimes:
+            # each runtime runs the file tuned for it (export_onnx.py --runtime); one file
+            # serves both where the model has no form of its own for a runtime
+            tuned_for = rt if runtime_tuned(dep, rt) else 'onnxruntime'
+            if tuned_for in files:
+                continue
+            path = osp.join(tmpdir, f'{cls.__name__}_{arch}_{tuned_for}.onnx')
+            try:
+                # the file is float32 in any case (bfloat16 is an inference setting of OpenVINO)
+                export_module(BackboneMaps(copy.deepcopy(dep)), x.float(), path,
+                              runtime=tuned_for)
+                files[tuned_for] = (path, None)
+            except Exception as exc:     # noqa: BLE001
+                files[tuned_for] = (path, f'export failed: {_short(exc)}')
+        for rt in onnx_runtimes:
+            path, error = files[rt if rt in files else 'onnxruntime']
             if error:
                 variants.append((rt, None, error))
                 continue

@@ -24,6 +24,11 @@ forward computes each bias from the input's sizes (Range / tap gathers / Slice /
 :mod:`effbackbones.models.attention_bias`), so the file holds the bias rule instead of one
 size's bias. The parity check runs such a file at a second size and batch as well.
 
+A static graph can be tuned for one runtime (``runtime='openvino'``: Mobile-Former's bridges
+read their stride-2/4/8 maps through ``SpaceToDepth``, see
+:func:`~effbackbones.models.mobileformer.openvino_pixel_block`); such a file still runs in both
+runtimes with the same outputs, and is checked in both.
+
 After writing the file, :func:`check_onnx_parity` runs it in onnxruntime on a random input and
 raises :class:`ParityError` when an output is outside the reference-pack tolerance
 ``|out - ref| <= 2e-4 * max|ref| + 1e-4 * |ref|`` (detections: the part's own ``compare``).
@@ -55,6 +60,8 @@ PARTS = ('backbone', 'segmentor', 'single_stage', 'single_stage_end2end',
          'two_stage_features', 'two_stage_end2end')
 #: the whole detectors (post-processing in the graph): one image per run, K detections per image
 END2END_PARTS = ('single_stage_end2end', 'two_stage_end2end')
+#: the runtimes a file runs in (:mod:`.runtime`) and a static graph can be tuned for
+BACKENDS = ('onnxruntime', 'openvino')
 
 
 class ExportError(ValueError):
@@ -308,30 +315,51 @@ def _export_equivalent(m):
     return None
 
 
+def runtime_tuned(module, runtime):
+    """The sub-modules of ``module`` with a graph form of their own for ``runtime`` (those with an
+    ``export_runtime`` attribute that the export sets; today Mobile-Former's bridges for
+    OpenVINO, see :func:`~effbackbones.models.mobileformer.openvino_pixel_block`)."""
+    if runtime == 'onnxruntime':
+        return []
+    return [m for m in module.modules() if hasattr(m, 'export_runtime')]
+
+
 @contextlib.contextmanager
-def export_friendly(module):
+def export_friendly(module, runtime='onnxruntime', dynamic=False):
     """Swap the sub-modules whose default ONNX graph is less accurate (``nn.GroupNorm``: its
     InstanceNormalization graph is one long float32 sum in onnxruntime / OpenVINO; see
     :class:`~effbackbones.models.layers.ExportableGroupNorm`) or frozen to the traced size
-    (:class:`ScaleUpsample`) for equivalents while exporting; restored afterwards."""
+    (:class:`ScaleUpsample`) for equivalents while exporting, and for a static graph tuned for
+    ``runtime`` tell the modules with a form of their own for it (:func:`runtime_tuned`);
+    restored afterwards. A dynamic graph is never tuned: those forms depend on the traced
+    sizes."""
     swaps = []
     for name, m in list(module.named_modules()):
         new = _export_equivalent(m)
         if new is not None:
             parent = module.get_submodule(name.rpartition('.')[0]) if '.' in name else module
             swaps.append((parent, name.rpartition('.')[2], m, new))
+    tuned = [] if dynamic else runtime_tuned(module, runtime)
     try:
         for parent, attr, _, new in swaps:
             setattr(parent, attr, new)
+        for m in tuned:
+            m.export_runtime = runtime
         yield module
     finally:
         for parent, attr, m, _ in swaps:
             setattr(parent, attr, m)
+        for m in tuned:
+            m.export_runtime = None
 
 
-def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None):
-    """Trace ``part`` (an :func:`exportable_part`) on ``dummy`` and write ``out``; returns the
-    PyTorch outputs for ``dummy``."""
+def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None,
+                  runtime='onnxruntime'):
+    """Trace ``part`` (an :func:`exportable_part`) on ``dummy`` and write ``out``, a static
+    graph tuned for ``runtime`` (:func:`export_friendly`; the file runs in every runtime);
+    returns the PyTorch outputs for ``dummy``."""
+    if runtime not in BACKENDS:
+        raise ExportError(f'runtime must be one of {BACKENDS}, got {runtime!r}')
     part.eval()
     with torch.no_grad():
         ref = part(dummy)
@@ -346,12 +374,13 @@ def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None):
             dynamic_axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'}
                                  for n in names})
         os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
-        with export_friendly(part):
+        with export_friendly(part, runtime, dynamic):
             _quiet_export(part, (dummy,), out, input_names=['input'], output_names=names,
                           opset_version=opset, dynamic_axes=dynamic_axes,
                           do_constant_folding=True, dynamo=False)
     _write_metadata(out, dict(metadata or {}, **{PART_KEY: part.part,
                                                 'effbackbones.dynamic': str(bool(dynamic)),
+                                                'effbackbones.tuned_for': runtime,
                                                 'effbackbones.input_shape':
                                                     'x'.join(map(str, dummy.shape))}))
     return [r.detach() for r in ref]
@@ -403,8 +432,9 @@ def parity_inputs(in_channels, shape, batch, dynamic, size_divisor=32, seed=0,
 
 
 def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, opset=OPSET,
-           metadata=None, end2end=False, log=print):
-    """Export a backbone or an mm model (see the module docstring) and check it in onnxruntime.
+           metadata=None, end2end=False, runtime='onnxruntime', log=print):
+    """Export a backbone or an mm model (see the module docstring) and check it in onnxruntime
+    (and in ``runtime`` when it is another).
 
     Args:
         model: an effbackbones backbone or an mmdet / mmseg model holding one, in eval mode with
@@ -416,6 +446,8 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
         end2end: a detector with its post-processing (RetinaNet: image -> ``dets``,
             ``labels``; Mask R-CNN: also ``masks``; :mod:`.detection`); other models are an
             :class:`ExportError`.
+        runtime: the runtime a static graph is tuned for (:func:`export_friendly`); the file
+            runs in both, the tuned one is faster there.
 
     Returns the parity reports (empty when ``check`` is False).
     """
@@ -441,15 +473,19 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
                            dynamic_batch=not end2end)
     if backbone.size_divisor:
         metadata = dict(metadata or {}, **{SIZE_DIVISOR_KEY: str(backbone.size_divisor)})
-    export_module(part, inputs[0], out, dynamic=dynamic, opset=opset, metadata=metadata)
+    export_module(part, inputs[0], out, dynamic=dynamic, opset=opset, metadata=metadata,
+                  runtime=runtime)
     free = 'height/width' if end2end else 'batch/height/width'
+    tuned = f', tuned for {runtime}' if not dynamic and runtime_tuned(part, runtime) else ''
     log(f'wrote {out} ({part.part}, input {"x".join(map(str, inputs[0].shape))}'
-        f'{f", dynamic {free}" if dynamic else ", static"}, '
+        f'{f", dynamic {free}" if dynamic else ", static"}{tuned}, '
         f'{osp.getsize(out) / 2 ** 20:.1f} MiB)')
     if not check:
         return []
     try:
         reports = check_onnx_parity(out, part, inputs)
+        if runtime != 'onnxruntime':
+            reports += check_onnx_parity(out, part, inputs, backend=runtime)
     except ParityError as exc:
         # keep the file for inspection, under a name nobody deploys by mistake
         rejected = osp.splitext(out)[0] + '.parity-failed.onnx'
@@ -460,6 +496,7 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
     return reports
 
 
-__all__ = ['OPSET', 'PARTS', 'END2END_PARTS', 'PART_KEY', 'SIZE_DIVISOR_KEY', 'ExportError',
-           'ParityError', 'compare', 'build_backbone', 'build_from_config', 'exportable_part', 'check_request',
-           'export_module', 'check_onnx_parity', 'parity_inputs', 'export']
+__all__ = ['OPSET', 'PARTS', 'END2END_PARTS', 'BACKENDS', 'PART_KEY', 'SIZE_DIVISOR_KEY',
+           'ExportError', 'ParityError', 'compare', 'build_backbone', 'build_from_config',
+           'exportable_part', 'check_request', 'runtime_tuned', 'export_module',
+           'check_onnx_parity', 'parity_inputs', 'export']

@@ -15,9 +15,8 @@ import types
 import numpy as np
 import torch
 
-from .export import END2END_PARTS, PART_KEY, PARTS, SIZE_DIVISOR_KEY
+from .export import BACKENDS, END2END_PARTS, PART_KEY, PARTS, SIZE_DIVISOR_KEY
 
-BACKENDS = ('onnxruntime', 'openvino')
 #: inference precisions of :class:`RuntimeSession` (the file and its inputs / outputs stay float32)
 PRECISIONS = ('float32', 'bfloat16')
 

@@ -1,6 +1,7 @@
 """Building blocks shared by every family: drop-path and its schedule, layer scale, conv/linear +
 BN pairs, and the deploy-time rewrites: folding BN and layer scales into the neighbouring layers,
-dropping eval-mode no-ops, the exportable GroupNorm.
+dropping eval-mode no-ops, the exportable GroupNorm, space-to-depth / depth-to-space as their
+ONNX ops.
 
 Everything that more than one family needs lives here once; a family file only composes them.
 (The relative-position attention biases live in :mod:`.attention_bias`.)
@@ -247,6 +248,62 @@ def exportable_group_norms_(module):
                 setattr(parent, name, ExportableGroupNorm.from_group_norm(child))
 
 
+def _space_to_depth(x, block):
+    b, c, h, w = x.shape
+    return (x.reshape(b, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
+            .reshape(b, block * block * c, h // block, w // block))
+
+
+def _depth_to_space(x, block):
+    b, c, h, w = x.shape
+    c //= block * block
+    return (x.reshape(b, block, block, c, h, w).permute(0, 3, 4, 1, 5, 2)
+            .reshape(b, c, h * block, w * block))
+
+
+class _SpaceToDepth(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, block):
+        ctx.block = block
+        return _space_to_depth(x, block)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _depth_to_space(grad, ctx.block), None
+
+    @staticmethod
+    def symbolic(g, x, block):
+        return g.op('SpaceToDepth', x, blocksize_i=block)
+
+
+class _DepthToSpace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, block):
+        ctx.block = block
+        return _depth_to_space(x, block)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _space_to_depth(grad, ctx.block), None
+
+    @staticmethod
+    def symbolic(g, x, block):
+        return g.op('DepthToSpace', x, blocksize_i=block, mode_s='DCR')
+
+
+def space_to_depth(x, block):
+    """``(B, C, H, W) -> (B, block**2 * C, H / block, W / block)`` in ONNX ``SpaceToDepth``'s
+    order (output channel ``(i * block + j) * C + c`` holds pixel ``(i, j)`` of each block),
+    exported as that op (PyTorch's ``pixel_unshuffle`` has another channel order and exports as
+    reshapes and a 6-D transpose)."""
+    return _SpaceToDepth.apply(x, block)
+
+
+def depth_to_space(x, block):
+    """The inverse of :func:`space_to_depth`, exported as ONNX ``DepthToSpace`` (mode DCR)."""
+    return _DepthToSpace.apply(x, block)
+
+
 class ConvBN(nn.Sequential):
     """``Conv2d`` followed by ``BatchNorm2d``; folds into one conv on deploy.
 
@@ -295,5 +352,5 @@ class LinearBN(nn.Sequential):
 __all__ = ['DropPath', 'drop_path_or_identity', 'stochastic_depth_schedule', 'LayerScale',
            'LayerScale2d', 'fuse_conv_bn', 'fuse_bn_conv1x1', 'fuse_linear_bn', 'fuse_bn_linear',
            'fold_bn_', 'fold_conv_bn_pairs_', 'fold_scale_into_', 'fold_layer_scale_',
-           'replace_inference_noops_', 'ExportableGroupNorm', 'exportable_group_norms_', 'ConvBN',
-           'LinearBN']
+           'replace_inference_noops_', 'ExportableGroupNorm', 'exportable_group_norms_',
+           'space_to_depth', 'depth_to_space', 'ConvBN', 'LinearBN']

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from ..checkpoint import rename_keys
 from ..registry import MODELS
 from .base import BaseDenseBackbone, BlockStage
-from .layers import drop_path_or_identity, fold_conv_bn_pairs_, fold_scale_into_
+from .layers import (depth_to_space, drop_path_or_identity, fold_conv_bn_pairs_, fold_scale_into_,
+                     space_to_depth)
 
 CONV_ONLY = 'conv-only'
 PW_DW_PW = 'pw-dw-pw'          # authors' DnaBlock
@@ -182,6 +183,25 @@ def split_multiplier_depthwise_(seq, reader):
 # --------------------------------------------------------------------------------------------
 # bridges and the Former
 # --------------------------------------------------------------------------------------------
+def openvino_pixel_block(channels, height, width):
+    """Side of the pixel blocks a bridge of the deploy form reads its map in, in a static graph
+    exported for OpenVINO (1: the map as it is).
+
+    OpenVINO's CPU plugin runs the convs channels-last, and the bridges read the map as a
+    channels-first ``(C, HW)`` matrix; for 16 to 64 channels its float32 channels-last ->
+    channels-first reorder is a scalar loop (~30x slower per element than the oneDNN kernel it
+    uses for 4-12 or 80+ channels: 4.9 of Mobile-Former-294M's ~20 ms at 512x512, docs/deploy.md).
+    ``space_to_depth`` (channels-last in OpenVINO) first makes ``block**2 * C >= 80`` channels, so
+    the reorder that follows takes the fast kernel. The attention sums over all pixels (tokens
+    attend to the map) or treats each pixel alone (pixels attend to the tokens), so reading them
+    in block order changes nothing but the order of a sum.
+    """
+    if not 16 <= channels <= 64:
+        return 1
+    block = 2 if 4 * channels >= 80 else 4
+    return block if height % block == 0 and width % block == 0 else 1
+
+
 class MobileToFormer(nn.Module):
     """Tokens attend to the map's pixels (authors' ``Local2Global``, ``'attn'``, dynamic).
 
@@ -205,6 +225,8 @@ class MobileToFormer(nn.Module):
         self.drop_path = drop_path_or_identity(drop_path)
         #: deploy form: ``q`` (scale folded) and ``alpha`` as one linear (:meth:`switch_to_deploy`)
         self.merged = False
+        #: set while a static graph for OpenVINO is exported (``export_friendly``)
+        self.export_runtime = None
 
     def forward(self, x, tokens):
         b, c, h, w = x.shape
@@ -215,13 +237,34 @@ class MobileToFormer(nn.Module):
         else:
             q, gate = self.q(tokens), self.alpha(tokens)
         q = q.reshape(b, m, self.num_heads, -1).transpose(1, 2)                # B,h,M,c
-        k = x.reshape(b, self.num_heads, c // self.num_heads, h * w)            # B,h,c,HW
-        attn = q @ k                                                           # B,h,M,HW
-        if self.scale != 1.0:
-            attn = attn * self.scale
-        out = (attn.softmax(dim=-1) @ k.transpose(-1, -2)).transpose(1, 2).reshape(b, m, c)
-        out = out * (gate * self.alpha_scale)
+        block = openvino_pixel_block(c, h, w) \
+            if self.merged and self.export_runtime == 'openvino' else 1
+        if block > 1:
+            out = self._attend_blocks(x, q, block)
+        else:
+            k = x.reshape(b, self.num_heads, c // self.num_heads, h * w)        # B,h,c,HW
+            attn = q @ k                                                       # B,h,M,HW
+            if self.scale != 1.0:
+                attn = attn * self.scale
+            out = attn.softmax(dim=-1) @ k.transpose(-1, -2)                   # B,h,M,c
+        out = out.transpose(1, 2).reshape(b, m, c) * (gate * self.alpha_scale)
         return self.layer_norm(tokens + self.drop_path(self.proj(out)))
+
+    def _attend_blocks(self, x, q, block):
+        """The attention over the pixels of :func:`space_to_depth` ``(x, block)``
+        (:func:`openvino_pixel_block`): ``n = block**2`` pixel sets of ``p`` pixels. The softmax
+        over all ``n * p`` pixels is taken unnormalised, its sums divide the ``(B, h, M, c)``
+        result."""
+        b, c, h, w = x.shape
+        n = block * block
+        k = space_to_depth(x, block).reshape(b, n, self.num_heads, c // self.num_heads,
+                                             h * w // n)                         # B,n,h,c,p
+        logits = q.unsqueeze(1) @ k                                            # B,n,h,M,p
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        weights = (logits - logits.amax(dim=(1, 4), keepdim=True)).exp()
+        return (weights @ k.transpose(-1, -2)).sum(dim=1) / \
+            weights.sum(dim=(1, 4)).unsqueeze(-1)                              # B,h,M,c
 
     @torch.no_grad()
     def switch_to_deploy(self):
@@ -290,6 +333,8 @@ class FormerToMobile(nn.Module):
         self.drop_path = drop_path_or_identity(drop_path)
         #: deploy form (:meth:`_attend_map`)
         self.attend_map = False
+        #: set while a static graph for OpenVINO is exported (``export_friendly``)
+        self.export_runtime = None
 
     def forward(self, x, tokens, kv=None):
         """``kv``: ``(k(tokens), proj(tokens))`` when the block computed them already (deploy
@@ -316,6 +361,18 @@ class FormerToMobile(nn.Module):
         block's Mobile->Former bridge reads (OpenVINO: one layout reorder less per block,
         docs/deploy.md)."""
         b, c, h, w = x.shape
+        block = openvino_pixel_block(c, h, w) if self.export_runtime == 'openvino' else 1
+        if block > 1:
+            # the same per pixel, on the pixels of space_to_depth(x) (openvino_pixel_block)
+            n = block * block
+            q = space_to_depth(x, block).reshape(b, n, self.num_heads, c // self.num_heads,
+                                                 h * w // n)                     # B,n,h,c,p
+            logits = k.transpose(-1, -2).unsqueeze(1) @ q                        # B,n,h,M,p
+            if self.scale != 1.0:
+                logits = logits * self.scale
+            out = v.unsqueeze(1) @ logits.softmax(dim=3)                         # B,n,h,c,p
+            out = (q + self.drop_path(out)).reshape(b, n * c, h // block, w // block)
+            return depth_to_space(out, block)
         q = x.reshape(b, self.num_heads, c // self.num_heads, h * w)               # B,h,c,HW
         logits = k.transpose(-1, -2) @ q                                          # B,h,M,HW
         if self.scale != 1.0:
