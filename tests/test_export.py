@@ -96,7 +96,9 @@ def test_openvino_tuned_export_matches_the_pack_in_both_runtimes(variant, tmp_pa
     # bridges of blocks 3-7, which read those maps
     assert (_op_count(out, 'SpaceToDepth'), _op_count(out, 'DepthToSpace')) == (10, 5)
     for backend in ('onnxruntime', 'openvino'):
-        ok, report = mw.compare_outputs(RuntimeSession(out, backend, threads=1)(x), pack)
+        session = RuntimeSession(out, backend, threads=1)
+        assert session.metadata['effbackbones.tuned_for'] == 'openvino'
+        ok, report = mw.compare_outputs(session(x), pack)
         assert ok, f'{variant} tuned for openvino, run in {backend}:\n{report}'
 
 
