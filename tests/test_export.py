@@ -122,8 +122,27 @@ def test_openvino_tuning_only_where_the_blocks_fit(tmp_path):
                if isinstance(m, (MobileToFormer, FormerToMobile)))
 
 
-def test_openvino_pixel_block_rule():
+def test_openvino_pixel_block_rule(tmp_path):
+    """Which maps get blocks, and the blocks' ops: ONNX's channel order (checked against
+    onnxruntime's SpaceToDepth), each the inverse and the gradient of the other."""
+    import onnxruntime as ort
+    from effbackbones.models.layers import depth_to_space, space_to_depth
     from effbackbones.models.mobileformer import openvino_pixel_block
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64, requires_grad=True)
+    path = str(tmp_path / 'blocks.onnx')
+
+    class Blocks(torch.nn.Module):
+        def forward(self, t):
+            return space_to_depth(t, 4)
+
+    torch.onnx.export(Blocks(), (x.float().detach(),), path, input_names=['t'], dynamo=False,
+                      opset_version=17)
+    (onnx_out,) = ort.InferenceSession(path).run(None, {'t': x.float().detach().numpy()})
+    assert torch.equal(torch.from_numpy(onnx_out), space_to_depth(x, 4).float())
+    assert torch.equal(depth_to_space(space_to_depth(x, 4), 4), x)
+    y = torch.randn(2, 12, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: depth_to_space(t * t, 2), (y,))
+    assert torch.autograd.gradcheck(lambda t: space_to_depth(t * t, 4), (x,))
     assert [openvino_pixel_block(c, 64, 64) for c in (12, 16, 19, 20, 24, 64, 65, 96)] == \
         [1, 4, 4, 2, 2, 2, 1, 1]
     assert openvino_pixel_block(16, 64, 66) == 1 and openvino_pixel_block(24, 26, 28) == 2

@@ -261,33 +261,23 @@ def _depth_to_space(x, block):
             .reshape(b, c, h * block, w * block))
 
 
-class _SpaceToDepth(torch.autograd.Function):
+class _PixelBlocks(torch.autograd.Function):
+    """Space-to-depth (``to_depth``) or depth-to-space in ONNX's order, exported as that ONNX op;
+    each is the other's gradient (a permutation)."""
+
     @staticmethod
-    def forward(ctx, x, block):
-        ctx.block = block
-        return _space_to_depth(x, block)
+    def forward(ctx, x, block, to_depth):
+        ctx.block, ctx.to_depth = block, to_depth
+        return (_space_to_depth if to_depth else _depth_to_space)(x, block)
 
     @staticmethod
     def backward(ctx, grad):
-        return _depth_to_space(grad, ctx.block), None
+        return (_depth_to_space if ctx.to_depth else _space_to_depth)(grad, ctx.block), None, None
 
     @staticmethod
-    def symbolic(g, x, block):
-        return g.op('SpaceToDepth', x, blocksize_i=block)
-
-
-class _DepthToSpace(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, block):
-        ctx.block = block
-        return _depth_to_space(x, block)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _space_to_depth(grad, ctx.block), None
-
-    @staticmethod
-    def symbolic(g, x, block):
+    def symbolic(g, x, block, to_depth):
+        if to_depth:
+            return g.op('SpaceToDepth', x, blocksize_i=block)
         return g.op('DepthToSpace', x, blocksize_i=block, mode_s='DCR')
 
 
@@ -296,12 +286,12 @@ def space_to_depth(x, block):
     order (output channel ``(i * block + j) * C + c`` holds pixel ``(i, j)`` of each block),
     exported as that op (PyTorch's ``pixel_unshuffle`` has another channel order and exports as
     reshapes and a 6-D transpose)."""
-    return _SpaceToDepth.apply(x, block)
+    return _PixelBlocks.apply(x, block, True)
 
 
 def depth_to_space(x, block):
     """The inverse of :func:`space_to_depth`, exported as ONNX ``DepthToSpace`` (mode DCR)."""
-    return _DepthToSpace.apply(x, block)
+    return _PixelBlocks.apply(x, block, False)
 
 
 class ConvBN(nn.Sequential):
