@@ -107,7 +107,7 @@ def test_openvino_tuning_only_where_the_blocks_fit(tmp_path):
     not the stride-16 ones (13x14, odd); a dynamic export is never tuned. Each file passes the
     export's own parity checks (both runtimes for the static one), and the export leaves the
     model untuned."""
-    from effbackbones.deploy import build_backbone, export
+    from effbackbones.deploy import RuntimeSession, build_backbone, export
     from effbackbones.models.mobileformer import FormerToMobile, MobileToFormer
     model = build_backbone('MobileFormer', '52m')
     static, dyn = str(tmp_path / 'static.onnx'), str(tmp_path / 'dyn.onnx')
@@ -118,6 +118,7 @@ def test_openvino_tuning_only_where_the_blocks_fit(tmp_path):
     assert (_op_count(static, 'SpaceToDepth'), _op_count(static, 'DepthToSpace')) == (4, 2)
     export(model, (224, 224), dyn, dynamic=True, runtime='openvino', log=lambda *_: None)
     assert _op_count(dyn, 'SpaceToDepth') == 0
+    assert RuntimeSession(dyn, 'onnxruntime').metadata['effbackbones.tuned_for'] == 'none'
     assert all(m.export_runtime is None for m in model.modules()
                if isinstance(m, (MobileToFormer, FormerToMobile)))
 

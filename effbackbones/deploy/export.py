@@ -315,11 +315,13 @@ def _export_equivalent(m):
     return None
 
 
-def runtime_tuned(module, runtime):
-    """The sub-modules of ``module`` with a graph form of their own for ``runtime`` (those with an
-    ``export_runtime`` attribute that the export sets; today Mobile-Former's bridges for
-    OpenVINO, see :func:`~effbackbones.models.mobileformer.openvino_pixel_block`)."""
-    if runtime == 'onnxruntime':
+def runtime_tuned(module, runtime, dynamic=False):
+    """The sub-modules of ``module`` that an export for ``runtime`` tunes: those with a graph form
+    of their own (an ``export_runtime`` attribute that :func:`export_friendly` sets; today
+    Mobile-Former's bridges for OpenVINO, see
+    :func:`~effbackbones.models.mobileformer.openvino_pixel_block`), none for a dynamic graph
+    (those forms follow the traced sizes)."""
+    if runtime == 'onnxruntime' or dynamic:
         return []
     return [m for m in module.modules() if hasattr(m, 'export_runtime')]
 
@@ -331,15 +333,14 @@ def export_friendly(module, runtime='onnxruntime', dynamic=False):
     :class:`~effbackbones.models.layers.ExportableGroupNorm`) or frozen to the traced size
     (:class:`ScaleUpsample`) for equivalents while exporting, and for a static graph tuned for
     ``runtime`` tell the modules with a form of their own for it (:func:`runtime_tuned`);
-    restored afterwards. A dynamic graph is never tuned: those forms depend on the traced
-    sizes."""
+    restored afterwards."""
     swaps = []
     for name, m in list(module.named_modules()):
         new = _export_equivalent(m)
         if new is not None:
             parent = module.get_submodule(name.rpartition('.')[0]) if '.' in name else module
             swaps.append((parent, name.rpartition('.')[2], m, new))
-    tuned = [] if dynamic else runtime_tuned(module, runtime)
+    tuned = runtime_tuned(module, runtime, dynamic)
     try:
         for parent, attr, _, new in swaps:
             setattr(parent, attr, new)
@@ -378,9 +379,10 @@ def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None,
             _quiet_export(part, (dummy,), out, input_names=['input'], output_names=names,
                           opset_version=opset, dynamic_axes=dynamic_axes,
                           do_constant_folding=True, dynamo=False)
+    tuned_for = runtime if runtime_tuned(part, runtime, dynamic) else 'none'
     _write_metadata(out, dict(metadata or {}, **{PART_KEY: part.part,
                                                 'effbackbones.dynamic': str(bool(dynamic)),
-                                                'effbackbones.tuned_for': runtime,
+                                                'effbackbones.tuned_for': tuned_for,
                                                 'effbackbones.input_shape':
                                                     'x'.join(map(str, dummy.shape))}))
     return [r.detach() for r in ref]
@@ -476,7 +478,7 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
     export_module(part, inputs[0], out, dynamic=dynamic, opset=opset, metadata=metadata,
                   runtime=runtime)
     free = 'height/width' if end2end else 'batch/height/width'
-    tuned = f', tuned for {runtime}' if not dynamic and runtime_tuned(part, runtime) else ''
+    tuned = f', tuned for {runtime}' if runtime_tuned(part, runtime, dynamic) else ''
     log(f'wrote {out} ({part.part}, input {"x".join(map(str, inputs[0].shape))}'
         f'{f", dynamic {free}" if dynamic else ", static"}{tuned}, '
         f'{osp.getsize(out) / 2 ** 20:.1f} MiB)')
