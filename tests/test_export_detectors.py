@@ -111,15 +111,16 @@ def _spread_retinanet(model, images):
     # the val images and noise (the tests run both): statistics that keep either in range
     inputs = torch.cat([_image_input(model, path) for path in images] +
                        [torch.randn(2, 3, 256, 320, generator=torch.Generator().manual_seed(0))])
-    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    norms = {m: m.momentum for m in model.backbone.modules()
+             if isinstance(m, torch.nn.BatchNorm2d)}
     for bn in norms:
         bn.reset_running_stats()
         bn.momentum = None                     # cumulative: one batch -> its statistics
     model.backbone.train()
     model.backbone(inputs)
     model.backbone.eval()
-    for bn in norms:
-        bn.momentum = 0.1
+    for bn, momentum in norms.items():
+        bn.momentum = momentum
     head = model.bbox_head
     torch.nn.init.normal_(head.retina_cls.weight)
     torch.nn.init.normal_(head.retina_reg.weight)

@@ -202,6 +202,14 @@ def openvino_pixel_block(channels, height, width):
     return block if height % block == 0 and width % block == 0 else 1
 
 
+def _pixel_blocks_per_head(x, num_heads, block):
+    """:func:`space_to_depth` ``(x, block)`` as ``(B, block**2, heads, C / heads, HW / block**2)``:
+    per head, ``block**2`` sets of pixels."""
+    b, c, h, w = x.shape
+    return space_to_depth(x, block).reshape(b, block * block, num_heads, c // num_heads,
+                                            h * w // (block * block))
+
+
 class MobileToFormer(nn.Module):
     """Tokens attend to the map's pixels (authors' ``Local2Global``, ``'attn'``, dynamic).
 
@@ -255,10 +263,7 @@ class MobileToFormer(nn.Module):
         (:func:`openvino_pixel_block`): ``n = block**2`` pixel sets of ``p`` pixels. The softmax
         over all ``n * p`` pixels is taken unnormalised, its sums divide the ``(B, h, M, c)``
         result."""
-        b, c, h, w = x.shape
-        n = block * block
-        k = space_to_depth(x, block).reshape(b, n, self.num_heads, c // self.num_heads,
-                                             h * w // n)                         # B,n,h,c,p
+        k = _pixel_blocks_per_head(x, self.num_heads, block)                   # B,n,h,c,p
         logits = q.unsqueeze(1) @ k                                            # B,n,h,M,p
         if self.scale != 1.0:
             logits = logits * self.scale
@@ -364,14 +369,13 @@ class FormerToMobile(nn.Module):
         block = openvino_pixel_block(c, h, w) if self.export_runtime == 'openvino' else 1
         if block > 1:
             # the same per pixel, on the pixels of space_to_depth(x) (openvino_pixel_block)
-            n = block * block
-            q = space_to_depth(x, block).reshape(b, n, self.num_heads, c // self.num_heads,
-                                                 h * w // n)                     # B,n,h,c,p
+            q = _pixel_blocks_per_head(x, self.num_heads, block)                 # B,n,h,c,p
             logits = k.transpose(-1, -2).unsqueeze(1) @ q                        # B,n,h,M,p
             if self.scale != 1.0:
                 logits = logits * self.scale
             out = v.unsqueeze(1) @ logits.softmax(dim=3)                         # B,n,h,c,p
-            out = (q + self.drop_path(out)).reshape(b, n * c, h // block, w // block)
+            out = (q + self.drop_path(out)).reshape(b, block * block * c, h // block,
+                                                    w // block)
             return depth_to_space(out, block)
         q = x.reshape(b, self.num_heads, c // self.num_heads, h * w)               # B,h,c,HW
         logits = k.transpose(-1, -2) @ q                                          # B,h,M,HW
