@@ -48,10 +48,17 @@ def _pack_checkpoint(family, variant, wrapper, tmp_path):
     return pack, str(ckpt)
 
 
-@pytest.mark.parametrize('deploy', [False, True], ids=['eager', 'deploy'])
+@pytest.mark.parametrize('deploy,runtime', [(False, 'onnxruntime'), (True, 'onnxruntime'),
+                                            (True, 'openvino')],
+                         ids=['eager', 'deploy', 'deploy-for-openvino'])
 @pytest.mark.parametrize('cls_name,family,variant,wrapper,kw', FAMILIES,
                          ids=[f'{f[1]}_{f[2]}' for f in FAMILIES])
-def test_pack_parity_in_both_runtimes(cls_name, family, variant, wrapper, kw, deploy, tmp_path):
+def test_pack_parity_in_both_runtimes(cls_name, family, variant, wrapper, kw, deploy, runtime,
+                                      tmp_path):
+    """The file of each family -- eager, deploy, and deploy tuned for OpenVINO (another graph:
+    the maps with 16-64 channels reach their channels-first consumers another way) --
+    reproduces the official pack in both runtimes."""
+    import onnx
     from effbackbones.deploy import RuntimeSession, build_backbone, export
     mw = make_weights()
     pack, ckpt = _pack_checkpoint(family, variant, wrapper, tmp_path)
@@ -60,12 +67,18 @@ def test_pack_parity_in_both_runtimes(cls_name, family, variant, wrapper, kw, de
     out = str(tmp_path / 'model.onnx')
     # the export's own onnxruntime check is done below against the pack instead
     export(model, x.shape[2:], out, batch=x.shape[0], deploy=deploy, check=False,
-           log=lambda *_: None)
+           runtime=runtime, log=lambda *_: None)
     assert model.deploy == deploy
+    if runtime == 'openvino':
+        plain = str(tmp_path / 'plain.onnx')
+        export(model, x.shape[2:], plain, batch=x.shape[0], check=False, log=lambda *_: None)
+        assert [n.op_type for n in onnx.load(out).graph.node] != \
+            [n.op_type for n in onnx.load(plain).graph.node]
     for backend in ('onnxruntime', 'openvino'):
         outs = RuntimeSession(out, backend, threads=1)(x)
         ok, report = mw.compare_outputs(outs, pack)
-        assert ok, f'{family} {variant} ({"deploy" if deploy else "eager"}, {backend}):\n{report}'
+        assert ok, f'{family} {variant} ({"deploy" if deploy else "eager"}, {runtime} file, ' \
+                   f'{backend}):\n{report}'
 
 
 def _op_count(path, op):
@@ -121,6 +134,32 @@ def test_openvino_tuning_only_where_the_blocks_fit(tmp_path):
     assert RuntimeSession(dyn, 'onnxruntime').metadata['effbackbones.tuned_for'] == 'none'
     assert all(m.export_runtime is None for m in model.modules()
                if isinstance(m, (MobileToFormer, FormerToMobile)))
+
+
+@pytest.mark.parametrize('cls_name,arch,kw', [
+    ('SwiftFormer', 'xs', {}), ('EfficientFormerV2', 's0', {}),
+    ('LeViT', '128s', dict(out_indices=(0, 1, 2, 3, 4)))])
+def test_openvino_file_hands_out_channels_last_maps_through_a_transpose(cls_name, arch, kw,
+                                                                         tmp_path):
+    """Tuned for OpenVINO, a backbone whose maps leave it as conv outputs returns each map with
+    16-64 channels through the channels-last view and a Transpose; the plain file returns it
+    straight from the layer that wrote it (which OpenVINO reorders with its scalar loop)."""
+    import onnx
+    from effbackbones.deploy import build_backbone, export
+    model = build_backbone(cls_name, arch, **kw)
+    narrow = [f'out_{i}' for i, c in zip(model.out_indices, model.out_channels) if 16 <= c <= 64]
+    assert narrow
+
+    def through_transpose(path):
+        graph = onnx.load(path).graph
+        producer = {o: n for n in graph.node for o in n.output}
+        return [producer[name].op_type == 'Reshape'
+                and producer[producer[name].input[0]].op_type == 'Transpose' for name in narrow]
+
+    for runtime in ('onnxruntime', 'openvino'):
+        out = str(tmp_path / f'{runtime}.onnx')
+        export(model, (128, 128), out, runtime=runtime, log=lambda *_: None)
+        assert through_transpose(out) == [runtime == 'openvino'] * len(narrow), runtime
 
 
 def test_openvino_pixel_block_rule(tmp_path):

@@ -2,8 +2,8 @@
 """Latency of effbackbones backbones in every runtime, on the same weights, side by side in one
 process: PyTorch eager, deploy (``switch_to_deploy()``), ``torch.compile`` of the deploy model,
 and the deploy model exported to ONNX and run in onnxruntime and OpenVINO, each runtime the
-static file tuned for it (``tools/export_onnx.py --runtime``; one file for both unless the model
-has a form of its own for a runtime, as Mobile-Former for OpenVINO).
+static file tuned for it (``tools/export_onnx.py --runtime``: a file for onnxruntime, one for
+OpenVINO).
 
     python tools/benchmark.py --model SwiftFormer --arch l1 --shape 512 512 --threads 2
     python tools/benchmark.py --model LeViT --arch 128s --shape 800 1344 --runtimes eager onnxruntime
@@ -130,7 +130,7 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
         for rt in onnx_runtimes:
             # each runtime runs the file tuned for it (export_onnx.py --runtime); one file
             # serves both where the model has no form of its own for a runtime
-            tuned_for = rt if runtime_tuned(dep, rt) else 'onnxruntime'
+            tuned_for = rt if runtime_tuned(BackboneMaps(dep), rt) else 'onnxruntime'
             if tuned_for in files:
                 continue
             path = osp.join(tmpdir, f'{cls.__name__}_{arch}_{tuned_for}.onnx')

@@ -24,8 +24,10 @@ forward computes each bias from the input's sizes (Range / tap gathers / Slice /
 :mod:`effbackbones.models.attention_bias`), so the file holds the bias rule instead of one
 size's bias. The parity check runs such a file at a second size and batch as well.
 
-A static graph can be tuned for one runtime (``runtime='openvino'``: Mobile-Former's bridges
-read their stride-2/4/8 maps through ``SpaceToDepth``, see
+A static graph can be tuned for one runtime (``runtime='openvino'``: the maps with 16-64
+channels that a consumer needs channels-first -- the backbone's outputs, EfficientFormer's
+output GroupNorms, SwiftFormer's global query, Mobile-Former's bridges -- avoid OpenVINO's slow
+reorder of them, see :func:`~effbackbones.models.layers.openvino_channels_first` and
 :func:`~effbackbones.models.mobileformer.openvino_pixel_block`); such a file still runs in both
 runtimes with the same outputs, and is checked in both.
 
@@ -217,6 +219,10 @@ class TwoStageFeatures(nn.Module):
 class BackboneMaps(nn.Module):
     """A backbone: image -> the maps of ``out_indices`` (``out_<index>``)."""
     part = 'backbone'
+    #: set while a static graph for OpenVINO is exported (:func:`export_friendly`): the maps of
+    #: a backbone whose maps leave it channels-last there (``openvino_channels_last_maps``)
+    #: become the graph's channels-first outputs through ``openvino_channels_first``
+    export_runtime = None
 
     def __init__(self, backbone):
         super().__init__()
@@ -226,7 +232,11 @@ class BackboneMaps(nn.Module):
         return [f'out_{i}' for i in self.model.out_indices]
 
     def forward(self, x):
-        return tuple(self.model(x))
+        maps = tuple(self.model(x))
+        if self.export_runtime == 'openvino' and self.model.openvino_channels_last_maps:
+            from ..models.layers import openvino_channels_first
+            maps = tuple(openvino_channels_first(m) for m in maps)
+        return maps
 
 
 def exportable_part(model):
@@ -317,10 +327,10 @@ def _export_equivalent(m):
 
 def runtime_tuned(module, runtime, dynamic=False):
     """The sub-modules of ``module`` that an export for ``runtime`` tunes: those with a graph form
-    of their own (an ``export_runtime`` attribute that :func:`export_friendly` sets; today
-    Mobile-Former's bridges for OpenVINO, see
-    :func:`~effbackbones.models.mobileformer.openvino_pixel_block`), none for a dynamic graph
-    (those forms follow the traced sizes)."""
+    of their own (an ``export_runtime`` attribute that :func:`export_friendly` sets; today, all
+    for OpenVINO: :class:`BackboneMaps`' outputs, ``ExportableGroupNorm``, SwiftFormer's
+    additive attention, Mobile-Former's bridges), none for a dynamic graph (Mobile-Former's
+    pixel blocks follow the traced sizes)."""
     if runtime == 'onnxruntime' or dynamic:
         return []
     return [m for m in module.modules() if hasattr(m, 'export_runtime')]
@@ -340,18 +350,19 @@ def export_friendly(module, runtime='onnxruntime', dynamic=False):
         if new is not None:
             parent = module.get_submodule(name.rpartition('.')[0]) if '.' in name else module
             swaps.append((parent, name.rpartition('.')[2], m, new))
-    tuned = runtime_tuned(module, runtime, dynamic)
+    tuned = []
     try:
         for parent, attr, _, new in swaps:
             setattr(parent, attr, new)
+        tuned = runtime_tuned(module, runtime, dynamic)
         for m in tuned:
             m.export_runtime = runtime
         yield module
     finally:
-        for parent, attr, m, _ in swaps:
-            setattr(parent, attr, m)
         for m in tuned:
             m.export_runtime = None
+        for parent, attr, m, _ in swaps:
+            setattr(parent, attr, m)
 
 
 def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None,

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from ..checkpoint import rename_keys
 from ..registry import MODELS
 from .base import BaseDenseBackbone, BlockStage
-from .layers import (depth_to_space, drop_path_or_identity, fold_conv_bn_pairs_, fold_scale_into_,
-                     space_to_depth)
+from .layers import (OPENVINO_SLOW_REORDER_CHANNELS, depth_to_space, drop_path_or_identity,
+                     fold_conv_bn_pairs_, fold_scale_into_, space_to_depth)
 
 CONV_ONLY = 'conv-only'
 PW_DW_PW = 'pw-dw-pw'          # authors' DnaBlock
@@ -189,14 +189,14 @@ def openvino_pixel_block(channels, height, width):
 
     OpenVINO's CPU plugin runs the convs channels-last, and the bridges read the map as a
     channels-first ``(C, HW)`` matrix; for 16 to 64 channels its float32 channels-last ->
-    channels-first reorder is a scalar loop (~30x slower per element than the oneDNN kernel it
-    uses for 4-12 or 80+ channels: 4.9 of Mobile-Former-294M's ~20 ms at 512x512, docs/deploy.md).
+    channels-first reorder is a scalar loop (:data:`~.layers.OPENVINO_SLOW_REORDER_CHANNELS`:
+    4.9 of Mobile-Former-294M's ~20 ms at 512x512, docs/deploy.md).
     ``space_to_depth`` (channels-last in OpenVINO) first makes ``block**2 * C >= 80`` channels, so
     the reorder that follows takes the fast kernel. The attention sums over all pixels (tokens
     attend to the map) or treats each pixel alone (pixels attend to the tokens), so reading them
     in block order changes nothing but the order of a sum.
     """
-    if not 16 <= channels <= 64:
+    if channels not in OPENVINO_SLOW_REORDER_CHANNELS:
         return 1
     block = 2 if 4 * channels >= 80 else 4
     return block if height % block == 0 and width % block == 0 else 1
@@ -701,6 +701,8 @@ class MobileFormer(BaseDenseBackbone):
                                              '508m')})
     arch_keys = ('stem_channels', 'blocks', 'token_num', 'token_dim')
     size_divisor = None
+    #: the returned maps come out of the Former->Mobile bridges, channels-first
+    openvino_channels_last_maps = False
     new_key_patterns = ()
     #: the authors' classification head and the final bridge that only feeds it
     ignored_key_patterns = ('classifier.*', 'local_global.*')
