@@ -20,10 +20,11 @@ tolerance).
 ``--dynamic`` makes batch, height and width free (every backbone family; the attention biases
 of EfficientFormer v1 / V2 and LeViT are then computed in the graph from the input's size; an
 ``--end2end`` detector gets free height and width, its anchors computed from them, batch 1).
-``--runtime openvino`` tunes a static graph for OpenVINO (Mobile-Former: its bridges read the
-16-64-channel maps through ``SpaceToDepth``, 0.85x the time there, slower in onnxruntime); the
-file runs in both runtimes with the same outputs and is checked in both. Other families have
-one graph for both runtimes.
+``--runtime openvino`` tunes a static graph for OpenVINO: maps with 16-64 channels reach the
+consumers that need them channels-first (graph outputs, EfficientFormer's output GroupNorms,
+SwiftFormer's global query, Mobile-Former's bridges) without OpenVINO's scalar reorder
+(0.82-0.98x of OpenVINO's time at 512x512; Mobile-Former's file is slower in onnxruntime, the
+others the same); the file runs in both runtimes with the same outputs and is checked in both.
 Exit status 2 with a message for a request that cannot be met, 1 when the parity check fails.
 See docs/deploy.md.
 """
