@@ -1,7 +1,7 @@
 """Building blocks shared by every family: drop-path and its schedule, layer scale, conv/linear +
 BN pairs, and the deploy-time rewrites: folding BN and layer scales into the neighbouring layers,
 dropping eval-mode no-ops, the exportable GroupNorm, space-to-depth / depth-to-space as their
-ONNX ops.
+ONNX ops, and the channels-first hand-over that graphs exported for OpenVINO use.
 
 Everything that more than one family needs lives here once; a family file only composes them.
 (The relative-position attention biases live in :mod:`.attention_bias`.)
