@@ -122,29 +122,18 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
             variants.append(('torch.compile', None, f'failed: {_short(exc)}'))
     onnx_runtimes = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
     if onnx_runtimes and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16):
-        from effbackbones.deploy.export import BackboneMaps, export_module, runtime_tuned
+        from effbackbones.deploy.export import BackboneMaps, export_module
         from effbackbones.deploy.runtime import RuntimeSession
         precision = 'bfloat16' if x.dtype == torch.bfloat16 else 'float32'
         tmpdir = tmpdir or tempfile.mkdtemp()
-        files = {}        # runtime the graph is tuned for -> (path, export error)
         for rt in onnx_runtimes:
-            # each runtime runs the file tuned for it (export_onnx.py --runtime); one file
-            # serves both where the model has no form of its own for a runtime
-            tuned_for = rt if runtime_tuned(BackboneMaps(dep), rt) else 'onnxruntime'
-            if tuned_for in files:
-                continue
-            path = osp.join(tmpdir, f'{cls.__name__}_{arch}_{tuned_for}.onnx')
+            # each runtime runs the static file tuned for it (export_onnx.py --runtime)
+            path = osp.join(tmpdir, f'{cls.__name__}_{arch}_{rt}.onnx')
             try:
                 # the file is float32 in any case (bfloat16 is an inference setting of OpenVINO)
-                export_module(BackboneMaps(copy.deepcopy(dep)), x.float(), path,
-                              runtime=tuned_for)
-                files[tuned_for] = (path, None)
+                export_module(BackboneMaps(copy.deepcopy(dep)), x.float(), path, runtime=rt)
             except Exception as exc:     # noqa: BLE001
-                files[tuned_for] = (path, f'export failed: {_short(exc)}')
-        for rt in onnx_runtimes:
-            path, error = files[rt if rt in files else 'onnxruntime']
-            if error:
-                variants.append((rt, None, error))
+                variants.append((rt, None, f'export failed: {_short(exc)}'))
                 continue
             try:
                 # onnxruntime's default spinning, as deployed: the pause before each turn
