@@ -355,7 +355,7 @@ def test_out_indices_subset_and_errors():
         EfficientFormer(dict(widths=[8, 8, 8, 8], depths=[1, 1, 1, 1]))
     with pytest.raises(ValueError, match='num_vit'):
         EfficientFormer(dict(widths=[8, 16, 24, 32], depths=[1, 1, 1, 2], num_vit=3))
-    with pytest.raises(ValueError, match="bias_mode must be 'official'.*got 'imagenet'"):
+    with pytest.raises(ValueError, match="bias_mode must be one of.*got 'imagenet'"):
         EfficientFormer('l1', bias_mode='imagenet')
     assert EfficientFormer('EfficientFormer-L3').arch_name == 'l3'
 

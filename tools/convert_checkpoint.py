@@ -58,18 +58,17 @@ def parse_args(argv=None):
 
 
 def _candidates(args):
-    from effbackbones.registry import MODELS
-    import effbackbones  # noqa: F401
+    from effbackbones.models import backbone_class, backbone_classes
     if args.model:
-        cls = MODELS.get(args.model)
-        if cls is None:
-            raise SystemExit(f'unknown model {args.model!r}; known: {sorted(MODELS.module_dict)}')
+        try:
+            cls = backbone_class(args.model)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         archs = [args.arch] if args.arch else sorted(cls.arch_zoo)
         return [(cls, a) for a in archs]
     if args.arch:
         raise SystemExit('--arch needs --model')
-    return [(cls, a) for name, cls in sorted(MODELS.module_dict.items())
-            if getattr(cls, 'arch_zoo', None) for a in sorted(cls.arch_zoo)]
+    return [(cls, a) for cls in backbone_classes().values() for a in sorted(cls.arch_zoo)]
 
 
 def convert_whole_model(args, ckpt):

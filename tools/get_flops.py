@@ -53,8 +53,7 @@ def backbone_rows(cls, archs, shape, deploy):
 
 def main(argv=None):
     args = parse_args(argv)
-    import effbackbones  # noqa: F401
-    from effbackbones.registry import MODELS
+    from effbackbones.models import backbone_class, backbone_classes
     h, w = args.shape
     if args.config:
         from mmengine.config import Config
@@ -86,16 +85,16 @@ def main(argv=None):
         print(f'  whole model params: {total_params / 1e6:8.3f} M')
         return 0
     if args.model:
-        cls = MODELS.get(args.model)
-        if cls is None:
-            raise SystemExit(f'unknown model {args.model!r}; known: {sorted(MODELS.module_dict)}')
+        try:
+            cls = backbone_class(args.model)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         rows = backbone_rows(cls, [args.arch] if args.arch else list(cls.arch_zoo), (h, w),
                              args.deploy)
     else:
         rows = []
-        for name, cls in sorted(MODELS.module_dict.items()):
-            if getattr(cls, 'arch_zoo', None):
-                rows += backbone_rows(cls, list(cls.arch_zoo), (h, w), args.deploy)
+        for cls in backbone_classes().values():
+            rows += backbone_rows(cls, list(cls.arch_zoo), (h, w), args.deploy)
     print(f'input 1x3x{h}x{w}{" (deploy)" if args.deploy else ""}')
     print(f'{"model":<20}{"arch":<8}{"params (M)":>12}{"GFLOPs":>10}')
     for name, arch, params, flops in rows:

@@ -2,12 +2,12 @@
 
 * :func:`atomic_write_bytes`: a checkpoint is written to a temporary file in the same folder,
   flushed to disk (fsync) and renamed over the final name, so a reader sees the old file or the
-  complete new one, never half of it. ``effbackbones.compat`` routes mmengine's local file
-  backend (``LocalBackend.put``, which ``save_checkpoint`` uses) through it.
+  complete new one, never half of it. During our runs (:mod:`.run_patches`) mmengine's local
+  file backend (``LocalBackend.put``, which ``save_checkpoint`` uses) through it.
 * :func:`find_resumable_checkpoint`: what ``--resume`` (auto) resumes from. mmengine trusts the
   ``last_checkpoint`` file; this tries it first, then the work dir's ``epoch_*.pth`` /
   ``iter_*.pth`` from the newest down, and resumes from the first that loads, saying which ones
-  are damaged and why. ``effbackbones.compat`` installs it as mmengine's
+  are damaged and why. During our runs (:mod:`.run_patches`) it is mmengine's
   ``find_latest_checkpoint``.
 """
 import os
@@ -16,6 +16,8 @@ import re
 import secrets
 
 from mmengine.logging import print_log
+
+from ..checkpoint import CheckpointError, load_checkpoint_file
 
 _CHECKPOINT_NAME = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
 _TEMP_NAME = re.compile(r'^\..+\.effb-partial-\d+-[0-9a-f]+$')
@@ -87,20 +89,32 @@ def _remove_partial_writes(work_dir):
                       f'end of the previous run', logger='current', level=30)
 
 
+_TRUST_HINT = ('set EFFB_TRUST_CHECKPOINTS=1 to load it with weights_only=False (e.g. a '
+               'checkpoint written by mmengine without our hooks, which pickles bound methods)')
+
+
+def load_local_checkpoint(filename, map_location):
+    """mmengine's local loader during our runs (:mod:`.run_patches`): our checked, weights-only
+    reader; ``EFFB_TRUST_CHECKPOINTS=1`` is its ``allow_unsafe``."""
+    filename = os.path.expanduser(filename)
+    if not os.path.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')   # mmengine's message
+    return load_checkpoint_file(
+        filename, map_location, allow_unsafe=os.environ.get('EFFB_TRUST_CHECKPOINTS') == '1',
+        unsafe_hint=_TRUST_HINT)
+
+
 def find_resumable_checkpoint(work_dir, load=None):
     """The newest checkpoint of ``work_dir`` that loads, or None when there is none at all.
 
-    ``load(path)`` reads a checkpoint (default: mmengine's loader, which ``effbackbones.compat``
-    makes check the file format and the tensors' finiteness). Damaged checkpoints are reported
-    and passed over; when every one is damaged, :class:`~effbackbones.CheckpointError` lists them
-    instead of silently training from scratch.
+    ``load(path)`` reads a checkpoint (default: our checked reader, as mmengine's loader is
+    during our runs: the file format and the tensors' finiteness are checked). Damaged
+    checkpoints are reported and passed over; when every one is damaged,
+    :class:`~effbackbones.CheckpointError` lists them instead of silently training from scratch.
     """
-    from ..checkpoint import CheckpointError
     if load is None:
-        from mmengine.runner.checkpoint import CheckpointLoader
-
         def load(p):
-            return CheckpointLoader.load_checkpoint(p, map_location='cpu')
+            return load_local_checkpoint(p, map_location='cpu')
 
     if not osp.isdir(work_dir):
         return None

@@ -38,6 +38,7 @@ from mmengine.runner.loops import (EpochBasedTrainLoop, IterBasedTrainLoop,
                                    _InfiniteDataloaderIterator)
 
 from ..registry import HOOKS
+from .run_patches import RunPatchesMixin
 
 # Domain tags keep the step streams and the sample streams apart.
 _STEP_STREAM = 0x5EED
@@ -173,7 +174,7 @@ def _shut_down(iterator):
 
 
 @HOOKS.register_module()
-class ExactResumeHook(Hook):
+class ExactResumeHook(RunPatchesMixin, Hook):
     """Make ``--resume`` continue a run exactly (see the module docstring).
 
     Add it to ``custom_hooks`` (our task bases do): works with mmengine's
@@ -182,6 +183,10 @@ class ExactResumeHook(Hook):
     of indices (mmdet's ``AspectRatioBatchSampler`` included). To resume mid-epoch in an
     epoch-based run, also save checkpoints every N iterations
     (``default_hooks.checkpoint=dict(by_epoch=False, interval=N)``).
+
+    From ``before_run`` to ``after_run`` it holds the run patches
+    (:mod:`~effbackbones.engine.run_patches`): atomic checkpoint writes, auto-resume past a
+    damaged file, data-only ``HistoryBuffer`` pickling and the checked loader.
     """
     # Seeds the step's generators before any other hook's before_train_iter runs.
     priority = 'VERY_HIGH'

@@ -4,10 +4,11 @@ from mmengine.model import is_model_wrapper
 
 from ..checkpoint import CheckpointError, convert_model_checkpoint
 from ..registry import HOOKS
+from .run_patches import RunPatchesMixin
 
 
 @HOOKS.register_module()
-class StrictLoadHook(Hook):
+class StrictLoadHook(RunPatchesMixin, Hook):
     """Convert a loaded checkpoint to the model's layout and refuse partial loads.
 
     mmengine's ``Runner.load_checkpoint`` (``load_from``, ``tools/test.py CONFIG FILE``, and
@@ -26,8 +27,10 @@ class StrictLoadHook(Hook):
     order is an error with ``strict`` (every class would be scored as another one); other
     differences (renamed or other classes, e.g. fine-tuning on a new dataset) are a warning.
 
-    Our configs add it (``configs/_base_`` task files); ``tools/train.py`` / ``tools/test.py``
-    add it to any config that lacks it. ``strict=False`` (``--load-not-strict``) turns the
+    From ``before_run`` to ``after_run`` it holds the run patches
+    (:mod:`~effbackbones.engine.run_patches`: mmengine's local loader reads through our checked,
+    weights-only reader). Our configs add it (``configs/_base_`` task files);
+    ``tools/train.py`` / ``tools/test.py`` add it to any config that lacks it. ``strict=False`` (``--load-not-strict``) turns the
     errors into warnings and leaves mismatched tensors out.
     """
     priority = 'VERY_HIGH'

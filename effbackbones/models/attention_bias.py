@@ -80,12 +80,19 @@ SEGMENTATION_BIAS_GRID = 16
 
 
 def check_bias_grid(bias_grid, bias_mode):
-    """Validate the ``bias_grid`` argument of EfficientFormer v1 / V2 and return it.
+    """Validate the ``bias_mode`` and ``bias_grid`` arguments of EfficientFormer v1 / V2 (the one
+    place: the backbones call it first, their attentions take the checked values) and return
+    ``bias_grid``.
 
     ``bias_grid`` is the side of the stride-32 token grid of the official dense tables
     (``attention_biases_seg``); it only exists in ``bias_mode='official'``, so another value than
     the default with ``'pretrained'`` is an error rather than silently ignored.
     """
+    if bias_mode not in BIAS_MODES:
+        raise ValueError(f"bias_mode must be one of {BIAS_MODES}, got {bias_mode!r} "
+                         f"('official': the fixed dense tables attention_biases_seg of the "
+                         f"official detection / segmentation backbones; 'pretrained': the "
+                         f"ImageNet table cropped / resized to the input grid)")
     if isinstance(bias_grid, bool) or not isinstance(bias_grid, int) or bias_grid < 1:
         raise ValueError(
             f'bias_grid must be a positive int (the side of the stride-32 token grid of the '
@@ -332,8 +339,6 @@ class RelPosBiasAttention(nn.Module):
                 fixed dense table ``attention_biases_seg``).
             cache_size: sizes whose bias is kept in eval mode (LRU; 0: no cache).
         """
-        if bias_mode not in BIAS_MODES:
-            raise ValueError(f'bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}')
         self.bias_mode = bias_mode
         self.table_hw = tuple(table_hw)
         self.q_stride = int(q_stride)

@@ -16,6 +16,10 @@ architecture:
 * ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=None, strict=True,
   allow_unsafe=False)``: the loud, safe loader of :mod:`effbackbones.checkpoint` with the
   family's ``checkpoint_filter_fn``;
+* ``load_state_dict`` (and every API built on it: mmengine's ``load_checkpoint``, mmdet's
+  ``init_detector``, mmseg's ``init_model``...) converts the backbone part of an official /
+  timm state dict and refuses a partial or other-variant one
+  (:func:`~effbackbones.checkpoint.convert_backbone_part`);
 * ``switch_to_deploy(input_size=None)``: every sub-module that can fold (BN into conv/linear,
   layer scales) does so, once (a second call warns and does nothing); with ``input_size`` the
   attention biases of that input size are computed once and kept (:meth:`pin_attention_biases`);
@@ -36,7 +40,7 @@ import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..checkpoint import load_pretrained
+from ..checkpoint import load_pretrained, load_state_dict_pre_hook
 from .attention_bias import RelPosBiasAttention
 from .layers import exportable_group_norms_, replace_inference_noops_
 
@@ -121,6 +125,11 @@ class BaseDenseBackbone(BaseModule):
         self.with_cp = bool(with_cp)
         self.drop_path_rate = float(drop_path_rate)
         self.deploy = False
+        #: whether the weights came from a file or state dict (not only initialisation)
+        self.weights_loaded = False
+        # the ecosystem's loaders (mmengine's load_checkpoint, mmdet's init_detector, ...)
+        # call load_state_dict: convert and check the backbone part there too
+        self._register_load_state_dict_pre_hook(load_state_dict_pre_hook, with_module=True)
 
     # ---------------------------------------------------------------------------------------
     # arch / argument validation

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from ..checkpoint import reject_dense_tables, rename_keys
 from ..registry import MODELS
-from .attention_bias import (BIAS_MODES, DETECTION_BIAS_GRID, RelPosBiasAttention,
+from .attention_bias import (DETECTION_BIAS_GRID, RelPosBiasAttention,
                              check_bias_grid)
 from .base import BaseDenseBackbone, BlockStage
 from .layers import (ConvBN, LayerScale, LayerScale2d, drop_path_or_identity, fold_bn_,
@@ -297,11 +297,6 @@ class EfficientFormer(BaseDenseBackbone):
                  norm_eval=False, with_cp=False, bias_cache_size=4, init_cfg=None):
         super().__init__(arch, in_channels, out_indices, frozen_stages, norm_eval, with_cp,
                          drop_path_rate, init_cfg)
-        if bias_mode not in BIAS_MODES:
-            raise ValueError(f"bias_mode must be 'official' (the official dense code: "
-                             f"attention_biases_seg on a fixed grid) or 'pretrained' (the "
-                             f'ImageNet 7x7 table cropped / resized to the input grid), '
-                             f'got {bias_mode!r}')
         self.bias_mode = bias_mode
         self.bias_grid = check_bias_grid(bias_grid, bias_mode)
         s = self.arch_settings

@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from ..checkpoint import reject_dense_tables, rename_keys
 from ..registry import MODELS
-from .attention_bias import (BIAS_MODES, DETECTION_BIAS_GRID, RelPosBiasAttention,
+from .attention_bias import (DETECTION_BIAS_GRID, RelPosBiasAttention,
                              check_bias_grid)
 from .base import BaseDenseBackbone, BlockStage
 from .layers import (ConvBN, LayerScale2d, drop_path_or_identity, fold_layer_scale_,
@@ -333,11 +333,6 @@ class EfficientFormerV2(BaseDenseBackbone):
                  frozen_stages=-1, norm_eval=False, with_cp=False, init_cfg=None):
         super().__init__(arch, in_channels, out_indices, frozen_stages, norm_eval, with_cp,
                          drop_path_rate, init_cfg)
-        if bias_mode not in BIAS_MODES:
-            raise ValueError(f"bias_mode must be one of {BIAS_MODES}, got {bias_mode!r} "
-                             f"('official': dense tables as the official detection / "
-                             f"segmentation backbone; 'pretrained': cropped / resized ImageNet "
-                             f"tables)")
         if not isinstance(bias_cache_size, int) or bias_cache_size < 0:
             raise ValueError(f'bias_cache_size must be an int >= 0, got {bias_cache_size!r}')
         self.bias_mode = bias_mode

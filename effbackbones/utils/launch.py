@@ -1,6 +1,7 @@
-"""What tools/train.py and tools/test.py share: picking the toolbox (mmdet or mmseg) from the
-config, checking that datasets and checkpoints exist before a long start-up, and making
-torch.distributed work on CPU machines (gloo) as well as GPUs (nccl)."""
+"""Running a config: picking the toolbox (mmdet or mmseg) from it and building its model (the
+tools and the library's whole-model export use these), checking that datasets and checkpoints
+exist before a long start-up, the flags and exit handling tools/train.py and tools/test.py
+share, and torch.distributed on CPU machines (gloo) as well as GPUs (nccl)."""
 import os
 import os.path as osp
 import sys
@@ -228,10 +229,13 @@ def parse_common(parser, argv=None):
 
 def main_guard(fn):
     """Run ``fn`` and turn our SystemExit messages and checkpoint errors (the load report
-    naming what does not fit) into a clean exit with status 2."""
+    naming what does not fit) into a clean exit with status 2; the run patches of our hooks
+    are undone however ``fn`` ends."""
     from effbackbones.checkpoint import CheckpointError
+    from effbackbones.engine.run_patches import released_after
     try:
-        fn()
+        with released_after():
+            fn()
     except CheckpointError as exc:
         print(f'CheckpointError: {exc}', file=sys.stderr)
         sys.exit(2)
