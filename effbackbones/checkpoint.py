@@ -37,6 +37,8 @@ import torch
 
 from mmengine.logging import print_log
 
+from .checkpoint_safetensors import looks_like_safetensors, read_safetensors
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for the requested backbone."""
@@ -149,7 +151,8 @@ def _refused_globals(exc):
 
 def load_checkpoint_file(path, map_location='cpu', allow_unsafe=False, check_nonfinite=True,
                          unsafe_hint=_PRETRAINED_UNSAFE_HINT):
-    """Read a checkpoint file with ``torch.load(weights_only=True)``.
+    """Read a checkpoint file with ``torch.load(weights_only=True)``, or a ``.safetensors``
+    file (by name or first bytes) with :func:`~effbackbones.checkpoint_safetensors.read_safetensors`.
 
     Only tensors, containers, primitive types and :data:`SAFE_CHECKPOINT_GLOBALS` (plus what
     :mod:`effbackbones.compat` allow-lists) are accepted. A file that needs anything else
@@ -161,6 +164,11 @@ def load_checkpoint_file(path, map_location='cpu', allow_unsafe=False, check_non
     (``load_from``, ``--resume``) is this function too (:mod:`effbackbones.compat`).
     """
     path = _resolve_path(path)
+    if looks_like_safetensors(path):  # tensors only, no pickle: nothing unsafe to allow
+        ckpt = read_safetensors(path)
+        if check_nonfinite:
+            check_finite(ckpt, path)
+        return ckpt
     try:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
