@@ -73,10 +73,10 @@ def test_timm_layout_safetensors_loads_like_official_pth(model_cls, family, vari
     model = model_cls(variant, init_cfg=dict(type='Pretrained', checkpoint=path))
     model.init_weights()
     reference = official.state_dict()
-    for k, v in model.state_dict().items():
-        if k.startswith('out_norms') or k.startswith('norm'):  # dense-only: not in either file
-            continue
-        assert torch.equal(v, reference[k]), k
+    compared = [k for k in reference if not k.startswith('out_norms')]  # dense-only: in no file
+    assert len(compared) > 200
+    for k in compared:
+        assert torch.equal(model.state_dict()[k], reference[k]), k
 
 
 def test_safetensors_report_names_the_timm_layout(tmp_path):
@@ -170,6 +170,4 @@ def test_export_backbone_takes_safetensors(tmp_path):
     cls_sd = test_efficientformer_v2.cls_state_dict(pack)
     path = _save(test_efficientformer_v2.timm_state_dict(pack, cls_sd), tmp_path / 'm.safetensors')
     model = build_backbone('EfficientFormerV2', 's0', checkpoint=path)
-    assert torch.equal(model.state_dict()['stem.0.conv.weight'] if 'stem.0.conv.weight' in
-                       model.state_dict() else next(iter(model.state_dict().values())),
-                       cls_sd['patch_embed.0.weight'])
+    assert torch.equal(model.state_dict()['stem.conv1.conv.weight'], cls_sd['patch_embed.0.weight'])

@@ -60,7 +60,8 @@ pipq() {
 }
 
 log "1/4 torch"
-eval "$("${PLAN[@]}" torch)" || die "tools/setup_plan.py torch failed"
+plan="$("${PLAN[@]}" torch)" || die "tools/setup_plan.py torch failed (above)"
+eval "$plan"
 if [ "$TORCH_ACTION" = "install" ]; then
   log "     pip install ${TORCH_PIP_ARGS[*]}"
   pipq "${TORCH_PIP_ARGS[@]}" \
@@ -81,7 +82,8 @@ pipq "setuptools<70" wheel ninja "numpy<2.3" opencv-python-headless \
   || die "could not install the build prerequisites (setuptools<70, wheel, ninja, numpy, opencv)"
 "$PY" -c "import pkg_resources" 2>/dev/null || die "pkg_resources is missing (setuptools<70 did not install)"
 
-eval "$("${PLAN[@]}" mmcv)" || die "tools/setup_plan.py mmcv failed"
+plan="$("${PLAN[@]}" mmcv)" || die "tools/setup_plan.py mmcv failed (above)"
+eval "$plan"
 if [ "$MMCV_ACTION" = "build" ]; then
   bash "$ROOT/tools/build_mmcv.sh" "$PY" "$MMCV_WHEEL_DIR" "$MMCV_CXX20" "$LOGDIR/mmcv-build.log" "${MMCV_BUILD_ENV[@]}" \
     || die "building mmcv 2.1.0 failed (full log $LOGDIR/mmcv-build.log). It needs gcc/g++, the Python headers and torch installed first$([ "$MMCV_CUDA_OPS" = 1 ] && echo '; for CUDA ops also nvcc and the CUDA headers (EFFB_MMCV_OPS=cpu builds CPU ops only)')."
