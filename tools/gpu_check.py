@@ -155,11 +155,13 @@ def _demo_cfg(config, data_root, device, amp):
 
 def train_demo(rows, config, data_root, device, iters, amp):
     """``iters`` optimizer steps of a demo config: (losses, images/s, peak MB)."""
+    from mmengine.logging import MMLogger
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import DefaultScope
     from mmengine.runner import Runner
 
     from effbackbones.utils.launch import build_model
+    MMLogger.get_instance('effb_gpu_check', log_level='WARNING')  # not a line per initialised tensor
     cfg = _demo_cfg(config, data_root, device, amp)
     model = build_model(cfg)
     model.init_weights()
@@ -183,12 +185,13 @@ def train_demo(rows, config, data_root, device, iters, amp):
     if device == 'cuda':
         torch.cuda.synchronize()
     speed = images / (time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == 'cuda' else float('nan')
+    peak = (f'{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB' if device == 'cuda'
+            else 'n/a on the CPU')
     finite = all(math.isfinite(v) for v in losses)
     name = osp.basename(config).replace('.py', '')
     rows.add(f'{name} {iters} iters{" AMP" if amp else ""} ({device})',
-             f'loss {losses[0]:.3f} -> {losses[-1]:.3f}, {speed:.1f} images/s, peak '
-             f'{peak:.0f} MB', finite)
+             f'loss {losses[0]:.3f} -> {losses[-1]:.3f}, {speed:.1f} images/s, peak memory '
+             f'{peak}', finite)
 
 
 def main(argv=None):
