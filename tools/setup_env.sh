@@ -66,7 +66,7 @@ if [ "$TORCH_ACTION" = "install" ]; then
   log "     pip install ${TORCH_PIP_ARGS[*]}"
   pipq "${TORCH_PIP_ARGS[@]}" \
     || die "torch could not be installed (pip install ${TORCH_PIP_ARGS[*]}). Install a torch >= 2.1 into $VENV yourself and run the set-up again: it keeps it."
-  "$PY" - "$TORCH_EXPECT_CPU" <<'PY' || die "the installed torch is not the expected build (see above)"
+  "$PY" -W ignore - "$TORCH_EXPECT_CPU" <<'PY' || die "the installed torch is not the expected build (see above)"
 import sys, torch
 expect_cpu = sys.argv[1] == '1'
 ok = (not expect_cpu) or torch.version.cuda is None
