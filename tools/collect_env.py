@@ -1,12 +1,13 @@
 """Print the environment effbackbones runs in (paste it into a bug report).
 
     python tools/collect_env.py            # everything
-    python tools/collect_env.py --short    # without torch's build details (what setup_env.sh prints)
+    python tools/collect_env.py --short    # without torch's build details (setup_env.sh's)
     python tools/collect_env.py --json
 
 mmengine's ``collect_env`` (platform, Python, CUDA, GPUs, compilers, torch, OpenCV, mmengine) plus
-what this project depends on: whether torch is a CUDA build, whether mmcv's ops hold CUDA kernels,
-mmdet / mmseg, effbackbones, safetensors and the deploy runtimes (onnx, onnxruntime, OpenVINO, NNCF).
+what this project depends on: whether torch is a CUDA build, whether mmcv's ops hold CUDA
+kernels, mmdet / mmseg, effbackbones, safetensors and the deploy runtimes (onnx, onnxruntime,
+OpenVINO, NNCF).
 A package that is missing or fails to import is reported as such, never skipped.
 """
 import argparse
@@ -16,11 +17,16 @@ import sys
 from collections import OrderedDict
 
 
+def _why(err):
+    first = str(err).splitlines()[0][:160] if str(err) else ''
+    return f'not available ({type(err).__name__}: {first})'
+
+
 def _version(module_name):
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 - the report says why, the caller keeps going
-        return f'not available ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ""})'
+        return _why(err)
     return getattr(module, '__version__', 'unknown version')
 
 
@@ -31,7 +37,7 @@ def mmcv_ops_info():
         cuda = get_compiling_cuda_version()
         compiler = get_compiler_version()
     except Exception as err:  # noqa: BLE001
-        return f'not available ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ""})'
+        return _why(err)
     if cuda == 'not available':
         return f'CPU only (built with {compiler})'
     return f'CUDA {cuda} kernels + CPU (built with {compiler})'
@@ -44,7 +50,8 @@ def torch_build_info():
         return dict(build=f'torch not available ({err})', gpus='unknown')
     build = f'CUDA {torch.version.cuda} build' if torch.version.cuda else 'CPU build'
     if torch.version.cuda and torch.cuda.is_available():
-        gpus = ', '.join(f'{torch.cuda.get_device_name(i)} (sm_%d%d)' % torch.cuda.get_device_capability(i)
+        gpus = ', '.join('%s (sm_%d%d)' % (torch.cuda.get_device_name(i),
+                                           *torch.cuda.get_device_capability(i))
                          for i in range(torch.cuda.device_count()))
     else:
         gpus = 'none'

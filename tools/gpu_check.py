@@ -161,7 +161,7 @@ def train_demo(rows, config, data_root, device, iters, amp):
     from mmengine.runner import Runner
 
     from effbackbones.utils.launch import build_model
-    MMLogger.get_instance('effb_gpu_check', log_level='WARNING')  # not a line per initialised tensor
+    MMLogger.get_instance('effb_gpu_check', log_level='WARNING')  # no line per initialised tensor
     cfg = _demo_cfg(config, data_root, device, amp)
     model = build_model(cfg)
     model.init_weights()
@@ -205,8 +205,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = 'cpu' if args.dry_run else 'cuda'
     if device == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit('no CUDA GPU visible to torch (torch %s, CUDA build %s): run on a GPU '
-                         'machine, or --dry-run on the CPU' % (torch.__version__, torch.version.cuda))
+        raise SystemExit(f'no CUDA GPU visible to torch (torch {torch.__version__}, CUDA build '
+                         f'{torch.version.cuda}): run on a GPU machine, or --dry-run on the CPU')
     import effbackbones  # noqa: F401
     rows = Rows()
     where = torch.cuda.get_device_name(0) if device == 'cuda' else 'CPU (dry run)'

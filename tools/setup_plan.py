@@ -82,8 +82,8 @@ def plan_torch(facts):
                         '(from the local wheel folder)')
         return dict(action='install', pip_args=[f'torch=={CPU_TORCH}'], expect_cpu=True,
                     messages=messages)
-    messages.append(f'no NVIDIA GPU visible: installing torch {CPU_TORCH} CPU from {CPU_TORCH_INDEX}'
-                    ' (PyPI\'s torch for Linux is the CUDA build)')
+    messages.append(f'no NVIDIA GPU visible: installing torch {CPU_TORCH} CPU from '
+                    f'{CPU_TORCH_INDEX} (PyPI\'s torch for Linux is the CUDA build)')
     return dict(action='install', expect_cpu=True, messages=messages,
                 pip_args=[f'torch=={CPU_TORCH}+cpu', '--extra-index-url', CPU_TORCH_INDEX])
 
@@ -143,7 +143,8 @@ def mmcv_wheel_key(facts, cuda_ops, arch_list):
     variant = 'cu' + ''.join(str(p) for p in version_tuple(facts.torch_cuda)[:2])
     if not cuda_ops:
         return f'torch{base}-{variant}-cpuops'
-    archs = '_'.join(a.replace('.', '').replace('+PTX', 'ptx') for a in re.split(r'[;\s]+', arch_list) if a)
+    archs = '_'.join(a.replace('.', '').replace('+PTX', 'ptx')
+                     for a in re.split(r'[;\s]+', arch_list) if a)
     return f'torch{base}-{variant}-sm{archs}'
 
 
@@ -185,7 +186,8 @@ def plan_mmcv(facts, cache_root):
         env['CUDA_HOME'] = facts.cuda_home
         includes = _nvidia_includes(facts)
         if includes:
-            env['CPATH'] = os.pathsep.join(includes + [facts.env.get('CPATH', '')]).rstrip(os.pathsep)
+            env['CPATH'] = os.pathsep.join(includes + [facts.env.get('CPATH', '')]).rstrip(
+                os.pathsep)
     messages.append(f'building mmcv {MMCV_VERSION} ({"CUDA kernels + CPU" if cuda_ops else "CPU"} '
                     f'ops) into {wheel_dir}' + (' with -std=c++20 (torch\'s headers need it)'
                                                  if facts.torch_needs_cxx20 else ''))
@@ -222,7 +224,8 @@ def _probe_torch(facts):
     facts.torch_version = torch.__version__.split(' ')[0]
     facts.torch_cuda = torch.version.cuda
     try:
-        facts.torch_arch_list = tuple(torch._C._cuda_getArchFlags().split()) if facts.torch_cuda else ()
+        flags = torch._C._cuda_getArchFlags() if facts.torch_cuda else ''
+        facts.torch_arch_list = tuple(flags.split())
     except Exception:  # noqa: BLE001 - older builds lack it
         facts.torch_arch_list = ()
     aten = os.path.join(os.path.dirname(torch.__file__), 'include', 'ATen', 'ATen.h')
@@ -232,7 +235,8 @@ def _probe_torch(facts):
     except OSError:
         facts.torch_needs_cxx20 = version_tuple(facts.torch_version) >= (2, 14)
     if not facts.gpus and facts.torch_cuda and torch.cuda.is_available():
-        facts.gpus = tuple((torch.cuda.get_device_name(i), '%d.%d' % torch.cuda.get_device_capability(i))
+        facts.gpus = tuple((torch.cuda.get_device_name(i),
+                            '%d.%d' % torch.cuda.get_device_capability(i))
                            for i in range(torch.cuda.device_count()))
 
 
@@ -243,7 +247,8 @@ def _probe_nvcc(facts, env):
              os.path.dirname(os.path.dirname(on_path)) if on_path else None]
     for home in filter(None, homes):
         nvcc = os.path.join(home, 'bin', 'nvcc')
-        if os.access(nvcc, os.X_OK) and os.path.exists(os.path.join(home, 'include', 'cuda_runtime.h')):
+        headers = os.path.join(home, 'include', 'cuda_runtime.h')
+        if os.access(nvcc, os.X_OK) and os.path.exists(headers):
             found = re.search(r'release (\d+\.\d+)', _run([nvcc, '--version']))
             if found:
                 facts.nvcc_version, facts.cuda_home = found.group(1), home
@@ -271,7 +276,8 @@ def _probe_mmcv(facts):
         compiled = get_compiling_cuda_version()
         facts.mmcv_ops = 'cpu' if compiled == 'not available' else f'cuda {compiled}'
     except Exception as err:  # noqa: BLE001 - an ops library built for another torch
-        facts.mmcv_ops = f'broken: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}'
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        facts.mmcv_ops = f'broken: {first}'
 
 
 def _local_cpu_torch():
@@ -293,7 +299,8 @@ def probe():
     _probe_mmcv(facts)
     facts.local_cpu_torch = _local_cpu_torch()
     site = sysconfig.get_paths()['purelib']
-    facts.nvidia_include_dirs = tuple(sorted(glob.glob(os.path.join(site, 'nvidia', '*', 'include'))))
+    facts.nvidia_include_dirs = tuple(sorted(glob.glob(os.path.join(site, 'nvidia', '*',
+                                                                    'include'))))
     return facts
 
 
