@@ -15,6 +15,7 @@
 only. The suite runs it (tests/test_gpu_check.py).
 """
 import argparse
+import contextlib
 import itertools
 import math
 import os
@@ -22,6 +23,7 @@ import os.path as osp
 import sys
 import tempfile
 import time
+import traceback
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -121,24 +123,37 @@ def check_parity(rows, device, dry_run):
     dtypes = (torch.bfloat16,) if dry_run else (torch.bfloat16, torch.float16)
     for family, (_, variants, _) in FAMILIES.items():
         for variant in variants[:1] if dry_run else variants:
-            model, pack = _pack_model(mw, family, variant, device)
-            x = mw.input_from_pack(pack).to(device)
-            with torch.no_grad():
-                outs = [o.float().cpu() for o in model(x)]
-            ok, report = mw.compare_outputs(outs, pack)
-            rows.add(f'{family} {variant} float32 parity ({device})',
-                     'pack tolerance' if ok else report.replace('\n', '; ')[:200], ok)
-            for dtype in dtypes:
-                with torch.no_grad(), torch.autocast(device, dtype=dtype):
-                    outs = [o.float().cpu() for o in model(x)]
-                errs = [float((o - r).abs().max() / r.abs().max())
-                        for o, r in zip(outs, pack['outputs'])]
-                finite = all(bool(torch.isfinite(o).all()) for o in outs)
-                name = str(dtype).replace('torch.', '')
-                rows.add(f'{family} {variant} {name} autocast', f'finite {finite}, max err '
-                         f'{max(errs):.3f} x max|ref| (limit {AUTOCAST_TOL[dtype]})',
-                         finite and max(errs) <= AUTOCAST_TOL[dtype])
-            del model
+            with guarded(rows, f'{family} {variant} parity ({device})'):
+                check_pack(rows, mw, family, variant, device, dtypes)
+
+
+def check_pack(rows, mw, family, variant, device, dtypes):
+    model, pack = _pack_model(mw, family, variant, device)
+    x = mw.input_from_pack(pack).to(device)
+    with torch.no_grad():
+        outs = [o.float().cpu() for o in model(x)]
+    ok, report = mw.compare_outputs(outs, pack)
+    rows.add(f'{family} {variant} float32 parity ({device})',
+             'pack tolerance' if ok else report.replace('\n', '; ')[:200], ok)
+    for dtype in dtypes:
+        with torch.no_grad(), torch.autocast(device, dtype=dtype):
+            outs = [o.float().cpu() for o in model(x)]
+        errs = [float((o - r).abs().max() / r.abs().max()) for o, r in zip(outs, pack['outputs'])]
+        finite = all(bool(torch.isfinite(o).all()) for o in outs)
+        name = str(dtype).replace('torch.', '')
+        rows.add(f'{family} {variant} {name} autocast', f'finite {finite}, max err '
+                 f'{max(errs):.3f} x max|ref| (limit {AUTOCAST_TOL[dtype]})',
+                 finite and max(errs) <= AUTOCAST_TOL[dtype])
+
+
+@contextlib.contextmanager
+def guarded(rows, check):
+    """A step that raises becomes a FAIL row (the table is always printed)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        rows.add(check, f'raised {type(err).__name__}: {str(err).splitlines()[0][:160]}', False)
 
 
 def _demo_cfg(config, data_root, device, amp):
@@ -213,7 +228,8 @@ def main(argv=None):
     print(f'[gpu_check] {where}; torch {torch.__version__} (CUDA {torch.version.cuda})', flush=True)
     t0 = time.time()
     if 'ops' not in args.skip:
-        check_mmcv_ops(rows, device)
+        with guarded(rows, 'mmcv ops'):
+            check_mmcv_ops(rows, device)
     if 'parity' not in args.skip:
         check_parity(rows, device, args.dry_run)
     if 'train' not in args.skip:
@@ -221,9 +237,9 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as data_root:
             make_shapes_dataset(data_root, 8 if args.dry_run else 32, 2, (256, 256), seed=0)
             for config in DEMOS:
-                train_demo(rows, config, data_root, device, args.iters or (2 if args.dry_run
-                                                                           else ITERS),
-                           amp=not args.dry_run)
+                with guarded(rows, f'{osp.basename(config)} training ({device})'):
+                    train_demo(rows, config, data_root, device,
+                               args.iters or (2 if args.dry_run else ITERS), amp=not args.dry_run)
     print(f'\n[gpu_check] summary ({where}, {time.time() - t0:.0f} s)\n{rows.table()}')
     return 1 if rows.failed else 0
 
