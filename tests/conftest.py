@@ -102,18 +102,26 @@ def random_cls_state_dict(pack, seed=3):
 
 
 def check_pack_parity(model_cls, family, variant, tmp_path, wrapper='model', deploy=True,
-                      on_loaded=None, on_deploy=None, **model_kw):
+                      on_loaded=None, on_deploy=None, state_dict=None, **model_kw):
     """The parity skeleton shared by every family: the pack's official dense weights are saved
     as the official release does (``{wrapper: state_dict}``), the model is built with an
     ``init_cfg`` of type Pretrained, ``init_weights`` loads them, and in eval mode its outputs on
     the pack input match the official ones; with ``deploy`` the same holds after
     ``switch_to_deploy``. ``on_loaded(model, pack)`` runs after loading (before the eager
     forward), ``on_deploy(model, pack)`` after ``switch_to_deploy`` (before its forward), for a
-    family's own assertions. Returns the model."""
+    family's own assertions. ``wrapper='safetensors'`` writes a ``.safetensors`` file instead;
+    ``state_dict(pack)`` gives the tensors to save (another layout of the pack's weights).
+    Returns the model."""
     mw = make_weights()
     pack = load_pack(family, variant)
-    ckpt = tmp_path / f'{family}_{variant}_official.pth'
-    torch.save({wrapper: mw.state_dict_from_pack(pack)}, ckpt)
+    sd = state_dict(pack) if state_dict else mw.state_dict_from_pack(pack)
+    if wrapper == 'safetensors':
+        from safetensors.torch import save_file
+        ckpt = tmp_path / f'{family}_{variant}.safetensors'
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(ckpt))
+    else:
+        ckpt = tmp_path / f'{family}_{variant}_official.pth'
+        torch.save({wrapper: sd}, ckpt)
     model = model_cls(variant, init_cfg=dict(type='Pretrained', checkpoint=str(ckpt)),
                       **model_kw)
     model.init_weights()

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 def parse_args(argv=None):
     from mmengine.config import DictAction
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('src', help='released checkpoint (.pth)')
+    p.add_argument('src', help='released checkpoint (.pth, .pth.tar or .safetensors)')
     p.add_argument('dst', help='output file')
     p.add_argument('--config', help='mmdet/mmseg config: convert the whole model for it')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,

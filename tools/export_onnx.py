@@ -41,8 +41,9 @@ def parse_args(argv=None):
     g.add_argument('--model', help='backbone class, e.g. SwiftFormer, EfficientFormer, LeViT')
     g.add_argument('--config', help='an mmdet / mmseg config of this project (with --checkpoint)')
     p.add_argument('--arch', help='backbone variant (with --model), e.g. l1, s0, 128s, 294m')
-    p.add_argument('--checkpoint', help='with --model: backbone weights (official, timm or ours; '
-                                        'the init_cfg loader); with --config: a trained '
+    p.add_argument('--checkpoint', help='with --model: backbone weights (.pth or .safetensors; '
+                                        'official, timm or ours; the init_cfg loader); with '
+                                        '--config: a trained '
                                         'checkpoint of the config (required)')
     p.add_argument('--out-indices', type=int, nargs='+', help='maps to return (with --model)')
     p.add_argument('--shape', type=int, nargs=2, required=True, metavar=('H', 'W'))

@@ -20,6 +20,7 @@ import torch
 from mmengine.logging import print_log
 
 from .errors import CheckpointError
+from .safetensors_file import looks_like_safetensors, read_safetensors
 
 
 def _safe_globals():
@@ -162,7 +163,8 @@ def _torch_load_weights_only(path, map_location):
 
 def load_checkpoint_file(path, map_location='cpu', allow_unsafe=False, check_nonfinite=True,
                          unsafe_hint=PRETRAINED_UNSAFE_HINT):
-    """Read a checkpoint file with ``torch.load(weights_only=True)``.
+    """Read a checkpoint file with ``torch.load(weights_only=True)``, or a ``.safetensors``
+    file (by name or first bytes) with :func:`~.safetensors_file.read_safetensors`.
 
     Only tensors, containers, primitive types and :data:`SAFE_CHECKPOINT_GLOBALS` are accepted,
     the allow-list widened for this call only. A file that pickles anything else (arbitrary
@@ -174,6 +176,11 @@ def load_checkpoint_file(path, map_location='cpu', allow_unsafe=False, check_non
     (``check_nonfinite``) so is one whose tensors hold NaN or Inf.
     """
     path = resolve_path(path)
+    if looks_like_safetensors(path):  # tensors only, no pickle: nothing unsafe to allow
+        ckpt = read_safetensors(path)
+        if check_nonfinite:
+            check_finite(ckpt, path)
+        return ckpt
     try:
         ckpt = _torch_load_weights_only(path, map_location)
     except Exception as exc:  # noqa: BLE001  (torch raises many types for damaged files)
