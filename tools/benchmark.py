@@ -7,7 +7,7 @@ OpenVINO).
 
     python tools/benchmark.py --model SwiftFormer --arch l1 --shape 512 512 --threads 2
     python tools/benchmark.py --model LeViT --arch 128s --shape 800 1344 --runtimes eager onnxruntime
-    python tools/benchmark.py --all --shape 224 224 --repeats 20 --out docs/benchmark_cpu.md
+    python tools/benchmark.py --all --shape 224 224 --repeats 20 --out docs/benchmarks/<machine>.md
     python tools/benchmark.py --model SwiftFormer --device cuda --dtype float16   # eager / deploy / compile
     python tools/benchmark.py --model SwiftFormer --arch l1 --dtype bfloat16 --threads 2
 
@@ -122,8 +122,7 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
             variants.append(('torch.compile', None, f'failed: {_short(exc)}'))
     onnx_runtimes = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
     if onnx_runtimes and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16):
-        from effbackbones.deploy.export import BackboneMaps, export_module
-        from effbackbones.deploy.runtime import RuntimeSession
+        from effbackbones.deploy import RuntimeSession, export_module, exportable_part
         precision = 'bfloat16' if x.dtype == torch.bfloat16 else 'float32'
         tmpdir = tmpdir or tempfile.mkdtemp()
         for rt in onnx_runtimes:
@@ -131,7 +130,7 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
             path = osp.join(tmpdir, f'{cls.__name__}_{arch}_{rt}.onnx')
             try:
                 # the file is float32 in any case (bfloat16 is an inference setting of OpenVINO)
-                export_module(BackboneMaps(copy.deepcopy(dep)), x.float(), path, runtime=rt)
+                export_module(exportable_part(copy.deepcopy(dep)), x.float(), path, runtime=rt)
             except Exception as exc:     # noqa: BLE001
                 variants.append((rt, None, f'export failed: {_short(exc)}'))
                 continue
@@ -254,7 +253,7 @@ def runtime_gemm_rates(runtimes, threads, precision, tmpdir, n=2048, repeats=10)
     ``precision`` (:class:`RuntimeSession`; best of ``repeats`` after a warm-up). The
     machine's peak is the best rate any of its libraries reaches: PyTorch's BLAS alone can be
     far below it (MKL on an AMD EPYC with AVX-512: 202 GFLOP/s, onnxruntime 438, OpenVINO 420;
-    docs/deploy.md), and a % of peak above 100 says nothing."""
+    docs/benchmarks/amd-epyc-avx512.md), and a % of peak above 100 says nothing."""
     names = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
     if not names:
         return {}
