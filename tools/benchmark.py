@@ -50,7 +50,10 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
 
-RUNTIMES = ('eager', 'deploy', 'compile', 'onnxruntime', 'openvino')
+from effbackbones.deploy.contract import BACKENDS  # noqa: E402
+
+#: PyTorch forms, then every ONNX runtime (each runs the static file exported for it)
+RUNTIMES = ('eager', 'deploy', 'compile') + BACKENDS
 
 
 def parse_args(argv=None):
@@ -120,7 +123,7 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
             variants.append(('torch.compile', torch.compile(copy.deepcopy(dep)), None))
         except Exception as exc:     # noqa: BLE001 - reported in the table
             variants.append(('torch.compile', None, f'failed: {_short(exc)}'))
-    onnx_runtimes = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
+    onnx_runtimes = [r for r in BACKENDS if r in runtimes]
     if onnx_runtimes and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16):
         from effbackbones.deploy import RuntimeSession, export_module, exportable_part
         precision = 'bfloat16' if x.dtype == torch.bfloat16 else 'float32'
@@ -254,7 +257,7 @@ def runtime_gemm_rates(runtimes, threads, precision, tmpdir, n=2048, repeats=10)
     machine's peak is the best rate any of its libraries reaches: PyTorch's BLAS alone can be
     far below it (MKL on an AMD EPYC with AVX-512: 202 GFLOP/s, onnxruntime 438, OpenVINO 420;
     docs/benchmarks/amd-epyc-avx512.md), and a % of peak above 100 says nothing."""
-    names = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
+    names = [r for r in BACKENDS if r in runtimes]
     if not names:
         return {}
     from effbackbones.deploy.runtime import RuntimeSession
@@ -352,7 +355,7 @@ def main(argv=None):
     rates = machine_gemm_rates(args, dtype, tmpdir.name)
     peak = max(rates.values())
     versions = [f'torch {torch.__version__}']
-    for mod in ('onnxruntime', 'openvino'):
+    for mod in BACKENDS:        # each runtime's Python package has its name
         if mod in args.runtimes:
             try:
                 versions.append(f'{mod} {__import__(mod).__version__}')
