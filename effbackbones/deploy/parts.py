@@ -3,16 +3,18 @@ the wrapper whose graph is exported, and how a runtime session of its file attac
 mmdet / mmseg model (``tools/test.py --backend``). The export (:func:`exportable_part`), the
 runtime (:func:`~.runtime.attach_runtime`) and tools/benchmark.py all read :data:`PARTS`.
 
-=========================  ========================================  ===========================
-part                       graph                                     after the file (PyTorch)
-=========================  ========================================  ===========================
-``backbone``               image -> ``out_<i>``                      (not attachable)
-``segmentor``              image -> ``seg_logits``                   resize to the image, argmax
-``single_stage``           image -> ``cls_score_<l>``, ``bbox_pred``  decoding + NMS
-``two_stage_features``     image -> neck ``feat_<l>``                RPN + RoI heads
-``single_stage_end2end``   image -> ``dets``, ``labels``             boxes back to the image
-``two_stage_end2end``      image -> ``dets``, ``labels``, ``masks``  + masks pasted
-=========================  ========================================  ===========================
+========================  ============================================  ======================
+part                      graph                                         after the file
+========================  ============================================  ======================
+``backbone``              image -> ``out_<i>``                          (not attachable)
+``segmentor``             image -> ``seg_logits``                       resize, argmax
+``single_stage``          image -> ``cls_score_<l>``, ``bbox_pred_<l>``  decoding + NMS
+``two_stage_features``    image -> neck ``feat_<l>``                    RPN + RoI heads
+``single_stage_end2end``  image -> ``dets``, ``labels``                 boxes to the image
+``two_stage_end2end``     image -> ``dets``, ``labels``, ``masks``      + masks pasted
+========================  ============================================  ======================
+
+("after the file": what stays in PyTorch under ``tools/test.py --backend``.)
 """
 import types
 import warnings

@@ -39,6 +39,9 @@ A block (authors' ``DnaBlock`` / ``DnaBlock3``), given the map ``x`` and tokens 
 The module layout of ``stem`` / ``tokens`` / ``features`` is the authors' one, so their
 checkpoints load without renaming; the classifier and the final top-level bridge
 (``local_global.*``, which only feeds the classifier) are reported as ignored.
+
+This file holds the blocks and the backbone; the pieces they are built from (conv units,
+dynamic ReLU, the bridges and the Former) live in :mod:`.mobileformer_layers`.
 """
 import math
 
