@@ -280,3 +280,91 @@ def test_exportable_group_norm_equals_group_norm(groups, shape):
     x = torch.randn(shape) * 3 + 5           # a mean large against the spread
     with torch.no_grad():
         torch.testing.assert_close(holder[0](x), gn(x), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the folds themselves, against the layers they replace. float64 and small running variances
+# (~1e-4, as trained BNs after a ReLU often have): a fold that drops ``eps`` (1e-5, a tenth of
+# the variance) or the layer's own bias is off by far more than the tolerance.
+# --------------------------------------------------------------------------------------------
+def _trained_bn(bn, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        n = bn.num_features
+        bn.running_mean.copy_(torch.randn(n, generator=g, dtype=torch.float64) * 0.1)
+        bn.running_var.copy_(torch.rand(n, generator=g, dtype=torch.float64) * 1e-4 + 5e-5)
+        bn.weight.copy_(torch.rand(n, generator=g, dtype=torch.float64) + 0.5)
+        bn.bias.copy_(torch.randn(n, generator=g, dtype=torch.float64))
+    return bn.eval()
+
+
+def _with_bias(layer, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(layer.bias.shape, generator=g, dtype=torch.float64))
+    return layer.eval()
+
+
+def _assert_fold_exact(fused, reference, x):
+    with torch.no_grad():
+        out, ref = fused(x), reference(x)
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert err < 1e-10, float(err)
+
+
+@pytest.mark.parametrize('conv_kw', [dict(kernel_size=3, padding=1, bias=True),
+                                     dict(kernel_size=3, padding=1, groups=8, bias=True),
+                                     dict(kernel_size=1, bias=False)],
+                         ids=['dense', 'depthwise', 'no-bias'])
+def test_fuse_conv_bn_equals_bn_of_conv(conv_kw):
+    from effbackbones.models.layers import fuse_conv_bn
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, **conv_kw).double()
+    if conv.bias is not None:
+        _with_bias(conv, 1)
+    bn = _trained_bn(nn.BatchNorm2d(8).double(), 2)
+    fused = fuse_conv_bn(conv, bn)
+    _assert_fold_exact(fused, nn.Sequential(conv, bn), torch.randn(2, 8, 7, 9).double())
+
+
+def test_fuse_bn_conv1x1_equals_conv_of_bn():
+    from effbackbones.models.layers import fuse_bn_conv1x1
+    torch.manual_seed(0)
+    conv = _with_bias(nn.Conv2d(8, 12, 1).double(), 1)
+    bn = _trained_bn(nn.BatchNorm2d(8).double(), 2)
+    fused = fuse_bn_conv1x1(bn, conv)
+    _assert_fold_exact(fused, nn.Sequential(bn, conv), torch.randn(2, 8, 5, 6).double())
+
+
+@pytest.mark.parametrize('bn_first', [False, True], ids=['linear-bn', 'bn-linear'])
+def test_fuse_linear_bn_both_orders(bn_first):
+    from effbackbones.models.layers import fuse_bn_linear, fuse_linear_bn
+    torch.manual_seed(0)
+    linear = _with_bias(nn.Linear(8, 8).double(), 1)
+    bn = _trained_bn(nn.BatchNorm1d(8).double(), 2)
+    x = torch.randn(16, 8).double()
+    if bn_first:
+        _assert_fold_exact(fuse_bn_linear(bn, linear), nn.Sequential(bn, linear), x)
+    else:
+        _assert_fold_exact(fuse_linear_bn(linear, bn), nn.Sequential(linear, bn), x)
+
+
+def test_fold_bn_keeps_child_names_and_values():
+    """fold_bn_ on a ConvBN with a conv bias (the official EfficientFormer / SwiftFormer
+    downsample) and on a LeViT LinearBN: the same values, the BN left as an Identity."""
+    from effbackbones.models.layers import ConvBN, LinearBN
+    torch.manual_seed(0)
+    for block, x in ((ConvBN(8, 8, 3, 1, 1, bias=True, names=('proj', 'norm')),
+                      torch.randn(2, 8, 6, 5)),
+                     (LinearBN(8, 12), torch.randn(2, 5, 8))):
+        block = block.double()
+        conv_or_linear, bn = list(block.children())
+        if conv_or_linear.bias is not None:
+            _with_bias(conv_or_linear, 1)
+        _trained_bn(bn, 2)
+        block.eval()
+        with torch.no_grad():
+            ref = block(x.double())
+        block.switch_to_deploy()
+        assert isinstance(list(block.children())[1], nn.Identity)
+        _assert_fold_exact(block, lambda t: ref, x.double())

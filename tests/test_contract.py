@@ -60,6 +60,42 @@ def test_frozen_stages_get_no_gradient_and_keep_stats(family):
     assert all(p.grad is None for p in frozen)
 
 
+#: what ``frozen_stages=1`` freezes in each family's smallest variant (stem + the first stage),
+#: as module-name prefixes, written out here rather than read from ``stage_groups()``
+FROZEN_AT_1 = {
+    'SwiftFormer': ('stem.', 'stages.0.', 'out_norms.0.'),
+    'EfficientFormer': ('stem.', 'stages.0.', 'out_norms.0.'),
+    'EfficientFormerV2': ('stem.', 'stages.0.'),
+    'LeViT': ('stem.conv1.', 'stem.conv2.'),
+    # 26M: no block at stride 2, blocks 0 and 1 at stride 4
+    'MobileFormer': ('stem.', 'tokens.', 'features.0.', 'features.1.'),
+}
+
+
+def test_frozen_lists_cover_every_family():
+    assert set(FROZEN_AT_1) == set(FAMILIES)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_frozen_stages_keep_batchnorm_statistics_without_norm_eval(family):
+    """With ``norm_eval=False`` a train-mode forward updates the running statistics of every
+    BatchNorm it runs, except those of the frozen stages (they are in eval mode)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    model = MODELS.get(family)(arch=SMALLEST[family], frozen_stages=1, norm_eval=False).train()
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in bns.items()}
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64) * 2 + 1)
+    moved = {n for n, m in bns.items()
+             if not (torch.equal(m.running_mean, before[n][0])
+                     and torch.equal(m.running_var, before[n][1]))}
+    frozen = {n for n in bns if (n + '.').startswith(FROZEN_AT_1[family])}
+    assert frozen, f'{family}: no BatchNorm in {FROZEN_AT_1[family]}'
+    assert not frozen & moved, f'{family}: frozen BatchNorms updated: {sorted(frozen & moved)[:5]}'
+    assert moved, f'{family}: no BatchNorm updated in train mode'
+    assert all(not bns[n].training for n in frozen)
+
+
 @pytest.mark.parametrize('family', FAMILIES)
 def test_bad_input_errors(family):
     model = MODELS.get(family)(arch=SMALLEST[family])

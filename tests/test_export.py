@@ -119,7 +119,7 @@ def test_openvino_tuning_only_where_the_blocks_fit(tmp_path):
     """The pixel blocks follow the traced sizes: 208x224 blocks the stride-8 maps (26x28) but
     not the stride-16 ones (13x14, odd); a dynamic export is never tuned. Each file passes the
     export's own parity checks (both runtimes for the static one), and the export leaves the
-    model untuned."""
+    model untuned (the stand-ins live in the traced copy only)."""
     from effbackbones.deploy import RuntimeSession, build_backbone, export
     from effbackbones.models.mobileformer import FormerToMobile, MobileToFormer
     model = build_backbone('MobileFormer', '52m')
@@ -132,8 +132,8 @@ def test_openvino_tuning_only_where_the_blocks_fit(tmp_path):
     export(model, (224, 224), dyn, dynamic=True, runtime='openvino', log=lambda *_: None)
     assert _op_count(dyn, 'SpaceToDepth') == 0
     assert RuntimeSession(dyn, 'onnxruntime').metadata['effbackbones.tuned_for'] == 'none'
-    assert all(m.export_runtime is None for m in model.modules()
-               if isinstance(m, (MobileToFormer, FormerToMobile)))
+    bridges = [m for m in model.modules() if isinstance(m, (MobileToFormer, FormerToMobile))]
+    assert bridges and all(type(m) in (MobileToFormer, FormerToMobile) for m in bridges)
 
 
 @pytest.mark.parametrize('cls_name,arch,kw', [
@@ -162,12 +162,64 @@ def test_openvino_file_hands_out_channels_last_maps_through_a_transpose(cls_name
         assert through_transpose(out) == [runtime == 'openvino'] * len(narrow), runtime
 
 
+def test_tuned_for_names_a_runtime_only_where_its_stand_ins_changed_the_graph(tmp_path):
+    """LeViT-128S returning its stride-16/32/64 maps (128-384 channels) has nothing OpenVINO
+    runs another way: exported for OpenVINO it is the plain graph, tagged ``none``; with the
+    stride-4 map (a conv output of 16-64 channels) it is tuned and tagged ``openvino``. The
+    model keeps its own modules either way."""
+    import onnx
+    from effbackbones.deploy import RuntimeSession, build_backbone, export
+    from effbackbones.deploy.substitution import RuntimeForm
+    tags, ops = {}, {}
+    for name, out_indices in (('wide', (2, 3, 4)), ('narrow', (0, 2))):
+        model = build_backbone('LeViT', '128s', out_indices=out_indices)
+        for runtime in ('onnxruntime', 'openvino'):
+            path = str(tmp_path / f'{name}_{runtime}.onnx')
+            export(model, (128, 128), path, check=False, runtime=runtime, log=lambda *_: None)
+            tags[name, runtime] = \
+                RuntimeSession(path, 'onnxruntime').metadata['effbackbones.tuned_for']
+            ops[name, runtime] = [n.op_type for n in onnx.load(path).graph.node]
+        assert not any(isinstance(m, RuntimeForm) for m in model.modules())
+    assert tags == {('wide', 'onnxruntime'): 'none', ('wide', 'openvino'): 'none',
+                    ('narrow', 'onnxruntime'): 'none', ('narrow', 'openvino'): 'openvino'}
+    assert ops['wide', 'openvino'] == ops['wide', 'onnxruntime']
+    assert ops['narrow', 'openvino'] != ops['narrow', 'onnxruntime']
+
+
+def test_substitute_replaces_exact_types_and_keeps_the_weights():
+    """A stand-in table entry applies to modules of exactly that type (not subclasses), the
+    root included, and the stand-in holds the very tensors of the module it replaces."""
+    from effbackbones.deploy.substitution import RuntimeForm, adopt, substitute
+
+    class Doubled(RuntimeForm, torch.nn.Linear):
+        def forward(self, x):
+            self.mark_applied()
+            return 2 * super().forward(x)
+
+    class OwnLinear(torch.nn.Linear):
+        pass
+
+    root = torch.nn.Sequential(torch.nn.Linear(3, 3), OwnLinear(3, 3))
+    first = root[0]
+    new_root, made = substitute(root, {torch.nn.Linear: lambda m: adopt(Doubled, m)})
+    assert new_root is root and made == [new_root[0]] and type(new_root[1]) is OwnLinear
+    assert new_root[0].weight is first.weight and not made[0].applied
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(new_root[0](x), 2 * first(x))
+    assert made[0].applied
+    lone = torch.nn.Linear(3, 3)
+    replaced, made = substitute(lone, {torch.nn.Linear: lambda m: adopt(Doubled, m)})
+    assert type(replaced) is Doubled and made == [replaced]
+    with pytest.raises(TypeError, match='no stand-in'):
+        adopt(Doubled, torch.nn.Conv2d(1, 1, 1))
+
+
 def test_openvino_pixel_block_rule(tmp_path):
     """Which maps get blocks, and the blocks' ops: ONNX's channel order (checked against
     onnxruntime's SpaceToDepth), each the inverse and the gradient of the other."""
     import onnxruntime as ort
-    from effbackbones.models.layers import depth_to_space, space_to_depth
-    from effbackbones.models.mobileformer import openvino_pixel_block
+    from effbackbones.deploy.runtimes.openvino import (depth_to_space, pixel_block,
+                                                       space_to_depth)
     x = torch.randn(2, 3, 8, 12, dtype=torch.float64, requires_grad=True)
     path = str(tmp_path / 'blocks.onnx')
 
@@ -183,10 +235,10 @@ def test_openvino_pixel_block_rule(tmp_path):
     y = torch.randn(2, 12, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: depth_to_space(t * t, 2), (y,))
     assert torch.autograd.gradcheck(lambda t: space_to_depth(t * t, 4), (x,))
-    assert [openvino_pixel_block(c, 64, 64) for c in (12, 16, 19, 20, 24, 64, 65, 96)] == \
+    assert [pixel_block(c, 64, 64) for c in (12, 16, 19, 20, 24, 64, 65, 96)] == \
         [1, 4, 4, 2, 2, 2, 1, 1]
-    assert openvino_pixel_block(16, 64, 66) == 1 and openvino_pixel_block(24, 26, 28) == 2
-    assert openvino_pixel_block(24, 13, 14) == 1
+    assert pixel_block(16, 64, 66) == 1 and pixel_block(24, 26, 28) == 2
+    assert pixel_block(24, 13, 14) == 1
 
 
 def test_bias_tables_are_graph_constants(tmp_path):
@@ -545,7 +597,7 @@ def test_group_norm_exported_with_short_reductions(tmp_path):
     512x512; the eager export and mm necks / heads keep plain GroupNorms) is exported as
     ExportableGroupNorm: both runtimes stay at float32 rounding of the float64 value (the
     InstanceNormalization graph drifted by ~1e-4 of max|out|)."""
-    from effbackbones.deploy.export import export_friendly
+    from effbackbones.deploy.export import export_form
     from effbackbones.deploy.runtime import RuntimeSession
     gn = torch.nn.GroupNorm(1, 48).eval()
     torch.nn.init.normal_(gn.weight)
@@ -556,10 +608,11 @@ def test_group_norm_exported_with_short_reductions(tmp_path):
                                              gn.bias.double())
     part = torch.nn.Sequential(gn)
     path = str(tmp_path / 'gn.onnx')
-    with torch.no_grad(), export_friendly(part):
-        assert type(part[0]).__name__ == 'ExportableGroupNorm'
-        torch.onnx.export(part, (x,), path, opset_version=17, dynamo=False)
-    assert type(part[0]) is torch.nn.GroupNorm          # restored
+    traced, _ = export_form(part)
+    assert type(traced[0]).__name__ == 'ExportableGroupNorm'
+    with torch.no_grad():
+        torch.onnx.export(traced, (x,), path, opset_version=17, dynamo=False)
+    assert type(part[0]) is torch.nn.GroupNorm          # the model keeps its own
     for backend in ('onnxruntime', 'openvino'):
         out = RuntimeSession(path, backend)(x)[0].double()
         err = (out - ref).abs().max() / ref.abs().max()

@@ -543,7 +543,7 @@ def test_end2end_results_clamp_to_the_image_and_rescale():
     (``img_shape``) and mapped to the original image as mmdet's ``rescale`` does."""
     from mmdet.structures import DetDataSample
     from mmdet.structures.bbox import scale_boxes
-    from effbackbones.deploy.runtime import end2end_results
+    from effbackbones.deploy.detection import end2end_results
     dets = torch.tensor([[[-3.0, 10.0, 150.0, 90.0, 0.9],       # crosses left and right
                           [20.0, 40.5, 60.0, 125.0, 0.7]]])     # into the bottom padding
     labels = torch.tensor([[2, 0]])

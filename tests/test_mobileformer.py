@@ -5,8 +5,8 @@ import torch.nn as nn
 
 from effbackbones import CheckpointError
 from effbackbones.checkpoint import load_pretrained
-from effbackbones.models.mobileformer import (MobileFormer, PartMajorDepthwise,
-                                              is_multiplier_depthwise)
+from effbackbones.models.mobileformer import MobileFormer
+from effbackbones.models.mobileformer_layers import PartMajorDepthwise, is_multiplier_depthwise
 from effbackbones.registry import MODELS
 
 from conftest import check_pack_parity, load_pack, make_weights, zero_state_dict

@@ -7,7 +7,7 @@ OpenVINO).
 
     python tools/benchmark.py --model SwiftFormer --arch l1 --shape 512 512 --threads 2
     python tools/benchmark.py --model LeViT --arch 128s --shape 800 1344 --runtimes eager onnxruntime
-    python tools/benchmark.py --all --shape 224 224 --repeats 20 --out docs/benchmark_cpu.md
+    python tools/benchmark.py --all --shape 224 224 --repeats 20 --out docs/benchmarks/<machine>.md
     python tools/benchmark.py --model SwiftFormer --device cuda --dtype float16   # eager / deploy / compile
     python tools/benchmark.py --model SwiftFormer --arch l1 --dtype bfloat16 --threads 2
 
@@ -50,7 +50,10 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
 
-RUNTIMES = ('eager', 'deploy', 'compile', 'onnxruntime', 'openvino')
+from effbackbones.deploy.contract import BACKENDS  # noqa: E402
+
+#: PyTorch forms, then every ONNX runtime (each runs the static file exported for it)
+RUNTIMES = ('eager', 'deploy', 'compile') + BACKENDS
 
 
 def parse_args(argv=None):
@@ -120,10 +123,9 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
             variants.append(('torch.compile', torch.compile(copy.deepcopy(dep)), None))
         except Exception as exc:     # noqa: BLE001 - reported in the table
             variants.append(('torch.compile', None, f'failed: {_short(exc)}'))
-    onnx_runtimes = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
+    onnx_runtimes = [r for r in BACKENDS if r in runtimes]
     if onnx_runtimes and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16):
-        from effbackbones.deploy.export import BackboneMaps, export_module
-        from effbackbones.deploy.runtime import RuntimeSession
+        from effbackbones.deploy import RuntimeSession, export_module, exportable_part
         precision = 'bfloat16' if x.dtype == torch.bfloat16 else 'float32'
         tmpdir = tmpdir or tempfile.mkdtemp()
         for rt in onnx_runtimes:
@@ -131,7 +133,7 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
             path = osp.join(tmpdir, f'{cls.__name__}_{arch}_{rt}.onnx')
             try:
                 # the file is float32 in any case (bfloat16 is an inference setting of OpenVINO)
-                export_module(BackboneMaps(copy.deepcopy(dep)), x.float(), path, runtime=rt)
+                export_module(exportable_part(copy.deepcopy(dep)), x.float(), path, runtime=rt)
             except Exception as exc:     # noqa: BLE001
                 variants.append((rt, None, f'export failed: {_short(exc)}'))
                 continue
@@ -254,8 +256,8 @@ def runtime_gemm_rates(runtimes, threads, precision, tmpdir, n=2048, repeats=10)
     ``precision`` (:class:`RuntimeSession`; best of ``repeats`` after a warm-up). The
     machine's peak is the best rate any of its libraries reaches: PyTorch's BLAS alone can be
     far below it (MKL on an AMD EPYC with AVX-512: 202 GFLOP/s, onnxruntime 438, OpenVINO 420;
-    docs/deploy.md), and a % of peak above 100 says nothing."""
-    names = [r for r in ('onnxruntime', 'openvino') if r in runtimes]
+    docs/benchmarks/amd-epyc-avx512.md), and a % of peak above 100 says nothing."""
+    names = [r for r in BACKENDS if r in runtimes]
     if not names:
         return {}
     from effbackbones.deploy.runtime import RuntimeSession
@@ -334,15 +336,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import effbackbones  # noqa: F401
-    from effbackbones.registry import MODELS
+    from effbackbones.models import backbone_class, backbone_classes
     if args.all:
-        jobs = [(cls, a) for _, cls in sorted(MODELS.module_dict.items())
-                if getattr(cls, 'arch_zoo', None) for a in cls.arch_zoo]
+        jobs = [(cls, a) for cls in backbone_classes().values() for a in cls.arch_zoo]
     else:
-        cls = MODELS.get(args.model)
-        if cls is None:
-            raise SystemExit(f'unknown model {args.model!r}; known: {sorted(MODELS.module_dict)}')
+        try:
+            cls = backbone_class(args.model)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         jobs = [(cls, a) for a in ([args.arch] if args.arch else list(cls.arch_zoo))]
     dtype = getattr(torch, args.dtype)
     h, w = args.shape
@@ -353,7 +354,7 @@ def main(argv=None):
     rates = machine_gemm_rates(args, dtype, tmpdir.name)
     peak = max(rates.values())
     versions = [f'torch {torch.__version__}']
-    for mod in ('onnxruntime', 'openvino'):
+    for mod in BACKENDS:        # each runtime's Python package has its name
         if mod in args.runtimes:
             try:
                 versions.append(f'{mod} {__import__(mod).__version__}')

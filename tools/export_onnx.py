@@ -54,7 +54,8 @@ def parse_args(argv=None):
                    help='with --config of a detector (RetinaNet, Mask R-CNN): the whole model '
                         'with its post-processing, image -> dets, labels (, masks); batch 1, '
                         'static unless --dynamic (free height / width)')
-    p.add_argument('--runtime', choices=('onnxruntime', 'openvino'), default='onnxruntime',
+    from effbackbones.deploy.contract import BACKENDS
+    p.add_argument('--runtime', choices=BACKENDS, default='onnxruntime',
                    help='the runtime a static graph is tuned for (default onnxruntime); the file '
                         'runs in both')
     p.add_argument('--no-deploy', action='store_true',

@@ -29,6 +29,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import Config  # noqa: E402
 
+from effbackbones.deploy.contract import BACKENDS  # noqa: E402
 from effbackbones.utils.launch import (  # noqa: E402
     add_common_args, check_datasets, detect_toolbox, ensure_custom_hook, main_guard, parse_common,
     prepare_config, register_toolbox)
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument('--wait-time', type=float, default=2, help='interval of --show (s)')
     p.add_argument('--deploy', action='store_true',
                    help='switch the backbone to deploy mode (BN folded) before testing')
-    p.add_argument('--backend', choices=['onnxruntime', 'openvino'],
+    p.add_argument('--backend', choices=BACKENDS,
                    help='CHECKPOINT is an ONNX file of tools/export_onnx.py: run it here')
     p.add_argument('--precision', default='float32',
                    help="with --backend: inference precision of the file's run, float32 "

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .export import ATOL_OF_MAX, RTOL, ExportError
+from .contract import ATOL_OF_MAX, RTOL, ExportError
 
 #: mmdet's ``delta2bbox`` default, which the heads' ``predict`` does not override
 WH_RATIO_CLIP = 16 / 1000
@@ -477,5 +477,56 @@ def compare_detections(outs, refs, box_atol_of_max=2e-4, score_atol=1e-5):
                   f'max box diff {worst:.2e} px{extra})')
 
 
+# --------------------------------------------------------------------------------------------
+# a runtime's detections back into mmdet's results (attached by :mod:`.parts`)
+# --------------------------------------------------------------------------------------------
+def end2end_results(outs, batch_data_samples, rescale=True):
+    """``bbox_head.predict`` for an end-to-end file: its ``dets`` / ``labels`` (exported input
+    pixels) as mmdet's ``InstanceData``, boxes clamped to the sample's ``img_shape`` and, with
+    ``rescale``, divided by its ``scale_factor`` (mmdet's ``scale_boxes``)."""
+    from mmengine.structures import InstanceData
+    dets, labels = outs     # (N, K, 5) / (N, K), or N per-image tensors (RuntimeSession)
+    if len(batch_data_samples) != len(dets):
+        raise ValueError(f'{len(batch_data_samples)} images in the batch, the file returned '
+                         f'detections for {len(dets)}')
+    results = []
+    for i, sample in enumerate(batch_data_samples):
+        meta = sample.metainfo
+        boxes = dets[i][:, :4].clone()
+        h, w = meta['img_shape'][:2]
+        # the graph clamps to the (padded) input; mmdet clamps to the image inside it
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=h)
+        if rescale:
+            sw, sh = meta['scale_factor']
+            boxes = boxes * boxes.new_tensor([1 / sw, 1 / sh]).repeat(2)
+        results.append(InstanceData(bboxes=boxes, scores=dets[i][:, 4].clone(),
+                                    labels=labels[i].clone()))
+    return results
+
+
+def end2end_mask_results(roi_head, outs, batch_data_samples, rescale=True):
+    """``roi_head.predict`` for an end-to-end Mask R-CNN file: :func:`end2end_results` of its
+    ``dets`` / ``labels``, and its ``masks`` (box-relative probabilities) pasted into the image
+    by the mask head's own ``_predict_by_feat_single`` (which rescales the boxes in place, as
+    in mmdet)."""
+    from mmdet.models.utils import empty_instances
+    dets, labels, masks = outs
+    results = end2end_results([dets, labels], batch_data_samples, rescale=False)
+    thr = roi_head.test_cfg.mask_thr_binary
+    for i, (res, sample) in enumerate(zip(results, batch_data_samples)):
+        if len(res) == 0:
+            results[i] = empty_instances([sample.metainfo], dets[i].device, task_type='mask',
+                                         instance_results=[res], mask_thr_binary=thr)[0]
+            continue
+        # the file already picked each box's class channel: index channel 0
+        res.masks = roi_head.mask_head._predict_by_feat_single(
+            mask_preds=masks[i][:, None], bboxes=res.bboxes,
+            labels=torch.zeros_like(res.labels), img_meta=sample.metainfo,
+            rcnn_test_cfg=roi_head.test_cfg, rescale=rescale, activate_map=True)
+    return results
+
+
 __all__ = ['NonMaxSuppression', 'RoiAlign', 'SingleStageEnd2End', 'TwoStageEnd2End',
-           'end2end_part', 'compare_detections', 'nms_keep']
+           'end2end_part', 'compare_detections', 'nms_keep', 'end2end_results',
+           'end2end_mask_results']

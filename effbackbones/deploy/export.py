@@ -24,87 +24,35 @@ forward computes each bias from the input's sizes (Range / tap gathers / Slice /
 :mod:`effbackbones.models.attention_bias`), so the file holds the bias rule instead of one
 size's bias. The parity check runs such a file at a second size and batch as well.
 
-A static graph can be tuned for one runtime (``runtime='openvino'``: the maps with 16-64
-channels that a consumer needs channels-first -- the backbone's outputs, EfficientFormer's
-output GroupNorms, SwiftFormer's global query, Mobile-Former's bridges -- avoid OpenVINO's slow
-reorder of them, see :func:`~effbackbones.models.layers.openvino_channels_first` and
-:func:`~effbackbones.models.mobileformer.openvino_pixel_block`); such a file still runs in both
-runtimes with the same outputs, and is checked in both.
+A static graph can be tuned for one runtime (``runtime='openvino'``): the export traces a copy
+of the model in which the runtime's substitution table (:mod:`.runtimes`) has replaced the
+modules it runs faster in another form (:mod:`.substitution`); the file is tagged
+``effbackbones.tuned_for`` that runtime only where a stand-in took its own form, still runs in
+every runtime with the same outputs, and is checked in both.
 
 After writing the file, :func:`check_onnx_parity` runs it in onnxruntime on a random input and
 raises :class:`ParityError` when an output is outside the reference-pack tolerance
 ``|out - ref| <= 2e-4 * max|ref| + 1e-4 * |ref|`` (detections: the part's own ``compare``).
 """
-import contextlib
+import copy
+import itertools
 import os
 import os.path as osp
 import warnings
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import effbackbones_modules, is_effbackbones_backbone
-
-#: the ONNX opset written (LayerNormalization needs 17; 17 is read by onnxruntime >= 1.14 and
-#: OpenVINO >= 2022.3)
-OPSET = 17
-#: :func:`compare` tolerance: ``|out - ref| <= ATOL_OF_MAX * max|ref| + RTOL * |ref|``, the rule
-#: of the official reference packs (``make_weights.compare_outputs``)
-ATOL_OF_MAX = 2e-4
-RTOL = 1e-4
-#: the ONNX metadata key naming what a file holds (read by :mod:`.runtime`)
-PART_KEY = 'effbackbones.part'
-#: the ONNX metadata key of the backbone's side rule (a dynamic file checks its inputs with it)
-SIZE_DIVISOR_KEY = 'effbackbones.size_divisor'
-PARTS = ('backbone', 'segmentor', 'single_stage', 'single_stage_end2end',
-         'two_stage_features', 'two_stage_end2end')
-#: the whole detectors (post-processing in the graph): one image per run, K detections per image
-END2END_PARTS = ('single_stage_end2end', 'two_stage_end2end')
-#: the runtimes a file runs in (:mod:`.runtime`) and a static graph can be tuned for
-BACKENDS = ('onnxruntime', 'openvino')
-
-
-class ExportError(ValueError):
-    """An export request that cannot be satisfied (the message says what to do instead)."""
-
-
-class ParityError(RuntimeError):
-    """The exported graph does not reproduce the PyTorch outputs within tolerance."""
-
-
-# --------------------------------------------------------------------------------------------
-# comparison
-# --------------------------------------------------------------------------------------------
-def compare(outs, refs, names=None):
-    """``(ok, report)``: every ``outs[i]`` within ``2e-4 * max|refs[i]| + 1e-4 * |refs[i]|``.
-
-    One report line per output with the worst excess ratio (``err / allowed``, must be <= 1)
-    and the max abs difference relative to ``max|ref|``.
-    """
-    if len(outs) != len(refs):
-        return False, f'{len(outs)} outputs, expected {len(refs)}'
-    ok, lines = True, []
-    for i, (o, r) in enumerate(zip(outs, refs)):
-        name = names[i] if names else f'output {i}'
-        o = torch.as_tensor(np.asarray(o) if not torch.is_tensor(o) else o).double()
-        r = torch.as_tensor(np.asarray(r) if not torch.is_tensor(r) else r).double()
-        if o.shape != r.shape:
-            ok = False
-            lines.append(f'{name}: shape {tuple(o.shape)} != reference {tuple(r.shape)}')
-            continue
-        peak = r.abs().max().item() if r.numel() else 0.0
-        err = (o - r).abs()
-        allowed = ATOL_OF_MAX * peak + RTOL * r.abs()
-        finite = bool(torch.isfinite(o).all())
-        ratio = (err / allowed.clamp_min(1e-30)).max().item() if r.numel() else 0.0
-        good = finite and bool((err <= allowed).all())
-        ok &= good
-        lines.append(f'{name}: {"ok " if good else "BAD"} shape {tuple(r.shape)} '
-                     f'max|diff|/max|ref| {err.max().item() / max(peak, 1e-30):.2e} '
-                     f'(worst err/allowed {ratio:.3f}{"" if finite else ", non-finite"})')
-    return ok, '\n'.join(lines)
+from ..checkpoint import effbackbones_modules
+from ..models.layers import ExportableGroupNorm
+from .contract import (ATOL_OF_MAX, BACKENDS, DYNAMIC_KEY, INPUT_SHAPE_KEY, OPSET, PART_KEY,
+                       RTOL, SIZE_DIVISOR_KEY, TUNED_FOR_KEY, ExportError, ParityError, compare)
+from .parts import (END2END_PARTS, PARTS, BackboneMaps, SegmentorLogits, SingleStageRaw,
+                    TwoStageFeatures, exportable_part)
+from .runtime import RuntimeSession, read_metadata
+from .runtimes import substitutions
+from .substitution import replace_modules, substitute
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,12 +61,11 @@ def compare(outs, refs, names=None):
 def build_backbone(model, arch, checkpoint=None, out_indices=None, **kwargs):
     """An effbackbones backbone ``model`` (class name) / ``arch`` in eval mode; ``checkpoint``
     goes through the same loud loader as ``init_cfg=dict(type='Pretrained')``."""
-    import effbackbones  # noqa: F401  (registers the backbones)
-    from effbackbones.registry import MODELS
-    cls = MODELS.get(model)
-    if cls is None or not getattr(cls, 'arch_zoo', None):
-        known = sorted(n for n, c in MODELS.module_dict.items() if getattr(c, 'arch_zoo', None))
-        raise ExportError(f'unknown backbone class {model!r}; choose one of {known}')
+    from ..models import backbone_class
+    try:
+        cls = backbone_class(model)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     if checkpoint is not None:
         if not osp.isfile(checkpoint):
             raise ExportError(f'checkpoint not found: {checkpoint}')
@@ -161,98 +108,6 @@ def build_from_config(config, checkpoint, cfg_options=None):
         raise ExportError(f'{checkpoint} does not fit {config}:\n{exc}') from None
     model.load_state_dict(converted['state_dict'])
     return model.eval(), cfg
-
-
-class SegmentorLogits(nn.Module):
-    """mmseg ``EncoderDecoder``: image -> ``seg_logits`` of the decode head (before the resize
-    to the image size, which ``decode_head.predict_by_feat`` does in PyTorch)."""
-    part = 'segmentor'
-
-    def __init__(self, segmentor):
-        super().__init__()
-        self.model = segmentor
-
-    def output_names(self, num_outputs):
-        return ['seg_logits']
-
-    def forward(self, x):
-        return (self.model.decode_head.forward(self.model.extract_feat(x)),)
-
-
-class SingleStageRaw(nn.Module):
-    """mmdet single-stage detector: image -> the head's raw outputs, flattened as
-    ``cls_score_0..L-1, bbox_pred_0..L-1`` (``bbox_head.predict_by_feat`` decodes them)."""
-    part = 'single_stage'
-
-    def __init__(self, detector):
-        super().__init__()
-        self.model = detector
-
-    def output_names(self, num_outputs):
-        n = num_outputs // 2
-        return [f'cls_score_{i}' for i in range(n)] + [f'bbox_pred_{i}' for i in range(n)]
-
-    def forward(self, x):
-        outs = self.model.bbox_head.forward(self.model.extract_feat(x))
-        if len(outs) != 2:
-            raise ExportError(f'{type(self.model.bbox_head).__name__} returns {len(outs)} '
-                              f'groups of maps; only (cls_scores, bbox_preds) heads are exported')
-        return tuple(outs[0]) + tuple(outs[1])
-
-
-class TwoStageFeatures(nn.Module):
-    """mmdet two-stage detector: image -> the neck's maps ``feat_<l>`` (the RPN and RoI heads,
-    with their NMS and RoIAlign, stay in PyTorch)."""
-    part = 'two_stage_features'
-
-    def __init__(self, detector):
-        super().__init__()
-        self.model = detector
-
-    def output_names(self, num_outputs):
-        return [f'feat_{i}' for i in range(num_outputs)]
-
-    def forward(self, x):
-        return tuple(self.model.extract_feat(x))
-
-
-class BackboneMaps(nn.Module):
-    """A backbone: image -> the maps of ``out_indices`` (``out_<index>``)."""
-    part = 'backbone'
-    #: set while a static graph for OpenVINO is exported (:func:`export_friendly`): the maps of
-    #: a backbone whose maps leave it channels-last there (``openvino_channels_last_maps``)
-    #: become the graph's channels-first outputs through ``openvino_channels_first``
-    export_runtime = None
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.model = backbone
-
-    def output_names(self, num_outputs):
-        return [f'out_{i}' for i in self.model.out_indices]
-
-    def forward(self, x):
-        maps = tuple(self.model(x))
-        if self.export_runtime == 'openvino' and self.model.openvino_channels_last_maps:
-            from ..models.layers import openvino_channels_first
-            maps = tuple(openvino_channels_first(m) for m in maps)
-        return maps
-
-
-def exportable_part(model):
-    """Wrap an mm model (or a bare backbone) in the module whose graph gets exported."""
-    if is_effbackbones_backbone(model):
-        return BackboneMaps(model)
-    if hasattr(model, 'decode_head'):
-        if getattr(model, 'auxiliary_head', None) is not None:
-            warnings.warn('the auxiliary head is a training-only branch: not exported')
-        return SegmentorLogits(model)
-    if hasattr(model, 'roi_head'):
-        return TwoStageFeatures(model)
-    if hasattr(model, 'bbox_head'):
-        return SingleStageRaw(model)
-    raise ExportError(f'cannot export a {type(model).__name__}: supported are effbackbones '
-                      f'backbones, mmseg EncoderDecoder, mmdet single- and two-stage detectors')
 
 
 def effb_backbone(model):
@@ -317,7 +172,6 @@ class ScaleUpsample(nn.Module):
 def _export_equivalent(m):
     """The export-friendly stand-in for module ``m``, or ``None`` to keep it."""
     if type(m) is nn.GroupNorm:      # deploy already swapped the backbone's own
-        from effbackbones.models.layers import ExportableGroupNorm
         return ExportableGroupNorm.from_group_norm(m)
     if type(m).__name__ == 'Upsample' and type(m).__module__.startswith('mmseg') and \
             not m.size and isinstance(m.scale_factor, float) and m.scale_factor.is_integer():
@@ -325,50 +179,29 @@ def _export_equivalent(m):
     return None
 
 
-def runtime_tuned(module, runtime, dynamic=False):
-    """The sub-modules of ``module`` that an export for ``runtime`` tunes: those with a graph form
-    of their own (an ``export_runtime`` attribute that :func:`export_friendly` sets; today, all
-    for OpenVINO: :class:`BackboneMaps`' outputs, ``ExportableGroupNorm``, SwiftFormer's
-    additive attention, Mobile-Former's bridges), none for a dynamic graph (Mobile-Former's
-    pixel blocks follow the traced sizes)."""
-    if runtime == 'onnxruntime' or dynamic:
-        return []
-    return [m for m in module.modules() if hasattr(m, 'export_runtime')]
+def export_form(part, runtime='onnxruntime', dynamic=False):
+    """The copy of ``part`` that gets traced: modules whose default ONNX graph is less accurate
+    (``nn.GroupNorm``: its InstanceNormalization graph is one long float32 sum in onnxruntime /
+    OpenVINO; see :class:`~effbackbones.models.layers.ExportableGroupNorm`) or frozen to the
+    traced size (:class:`ScaleUpsample`) replaced by equivalents, and in a static graph the
+    modules of ``runtime``'s substitution table by their stand-ins. ``part`` is left as it is.
+    Returns ``(copy, stand_ins)``.
 
-
-@contextlib.contextmanager
-def export_friendly(module, runtime='onnxruntime', dynamic=False):
-    """Swap the sub-modules whose default ONNX graph is less accurate (``nn.GroupNorm``: its
-    InstanceNormalization graph is one long float32 sum in onnxruntime / OpenVINO; see
-    :class:`~effbackbones.models.layers.ExportableGroupNorm`) or frozen to the traced size
-    (:class:`ScaleUpsample`) for equivalents while exporting, and for a static graph tuned for
-    ``runtime`` tell the modules with a form of their own for it (:func:`runtime_tuned`);
-    restored afterwards."""
-    swaps = []
-    for name, m in list(module.named_modules()):
-        new = _export_equivalent(m)
-        if new is not None:
-            parent = module.get_submodule(name.rpartition('.')[0]) if '.' in name else module
-            swaps.append((parent, name.rpartition('.')[2], m, new))
-    tuned = []
-    try:
-        for parent, attr, _, new in swaps:
-            setattr(parent, attr, new)
-        tuned = runtime_tuned(module, runtime, dynamic)
-        for m in tuned:
-            m.export_runtime = runtime
-        yield module
-    finally:
-        for m in tuned:
-            m.export_runtime = None
-        for parent, attr, m, _ in swaps:
-            setattr(parent, attr, m)
+    The copy is of the module tree; its parameters and buffers are ``part``'s own tensors: fresh
+    tensors would restart the version counters that tell a pinned attention bias from a stale
+    one, and the static graph would compute the biases again."""
+    shared = {id(t): t for t in itertools.chain(part.parameters(), part.buffers())}
+    form = replace_modules(copy.deepcopy(part, shared), _export_equivalent)
+    if dynamic:
+        # the stand-ins choose their form from the traced sizes
+        return form, []
+    return substitute(form, substitutions(runtime))
 
 
 def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None,
                   runtime='onnxruntime'):
-    """Trace ``part`` (an :func:`exportable_part`) on ``dummy`` and write ``out``, a static
-    graph tuned for ``runtime`` (:func:`export_friendly`; the file runs in every runtime);
+    """Trace ``part`` (an :func:`~.parts.exportable_part`) on ``dummy`` and write ``out``, a
+    static graph tuned for ``runtime`` (:func:`export_form`; the file runs in every runtime);
     returns the PyTorch outputs for ``dummy``."""
     if runtime not in BACKENDS:
         raise ExportError(f'runtime must be one of {BACKENDS}, got {runtime!r}')
@@ -386,15 +219,15 @@ def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None,
             dynamic_axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'}
                                  for n in names})
         os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
-        with export_friendly(part, runtime, dynamic):
-            _quiet_export(part, (dummy,), out, input_names=['input'], output_names=names,
-                          opset_version=opset, dynamic_axes=dynamic_axes,
-                          do_constant_folding=True, dynamo=False)
-    tuned_for = runtime if runtime_tuned(part, runtime, dynamic) else 'none'
+        traced, stand_ins = export_form(part, runtime, dynamic)
+        _quiet_export(traced, (dummy,), out, input_names=['input'], output_names=names,
+                      opset_version=opset, dynamic_axes=dynamic_axes,
+                      do_constant_folding=True, dynamo=False)
+    tuned_for = runtime if any(m.applied for m in stand_ins) else 'none'
     _write_metadata(out, dict(metadata or {}, **{PART_KEY: part.part,
-                                                'effbackbones.dynamic': str(bool(dynamic)),
-                                                'effbackbones.tuned_for': tuned_for,
-                                                'effbackbones.input_shape':
+                                                DYNAMIC_KEY: str(bool(dynamic)),
+                                                TUNED_FOR_KEY: tuned_for,
+                                                INPUT_SHAPE_KEY:
                                                     'x'.join(map(str, dummy.shape))}))
     return [r.detach() for r in ref]
 
@@ -411,7 +244,6 @@ def _write_metadata(path, metadata):
 def check_onnx_parity(path, part, inputs, backend='onnxruntime', threads=None):
     """Run ``path`` in ``backend`` on each input and compare with ``part`` in PyTorch; raise
     :class:`ParityError` naming the outputs that are off. Returns the reports."""
-    from .runtime import RuntimeSession
     session = RuntimeSession(path, backend, threads=threads)
     # a part with outputs of data-dependent order (detections) brings its own comparison
     part_compare = getattr(part, 'compare', compare)
@@ -459,7 +291,7 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
         end2end: a detector with its post-processing (RetinaNet: image -> ``dets``,
             ``labels``; Mask R-CNN: also ``masks``; :mod:`.detection`); other models are an
             :class:`ExportError`.
-        runtime: the runtime a static graph is tuned for (:func:`export_friendly`); the file
+        runtime: the runtime a static graph is tuned for (:func:`export_form`); the file
             runs in both, the tuned one is faster there.
 
     Returns the parity reports (empty when ``check`` is False).
@@ -477,11 +309,7 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
         # the attention biases of this size become graph constants computed by PyTorch (no
         # gather / bicubic resize of the tables in the graph); nothing to pin elsewhere
         backbone.pin_attention_biases(tuple(int(s) for s in shape))
-    if end2end:
-        from .detection import end2end_part
-        part = end2end_part(model, batch).eval()
-    else:
-        part = exportable_part(model).eval()
+    part = exportable_part(model, end2end, batch).eval()
     inputs = parity_inputs(backbone.in_channels, shape, batch, dynamic, backbone.size_divisor,
                            dynamic_batch=not end2end)
     if backbone.size_divisor:
@@ -489,7 +317,8 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
     export_module(part, inputs[0], out, dynamic=dynamic, opset=opset, metadata=metadata,
                   runtime=runtime)
     free = 'height/width' if end2end else 'batch/height/width'
-    tuned = f', tuned for {runtime}' if runtime_tuned(part, runtime, dynamic) else ''
+    tuned_for = read_metadata(out)[TUNED_FOR_KEY]
+    tuned = f', tuned for {tuned_for}' if tuned_for != 'none' else ''
     log(f'wrote {out} ({part.part}, input {"x".join(map(str, inputs[0].shape))}'
         f'{f", dynamic {free}" if dynamic else ", static"}{tuned}, '
         f'{osp.getsize(out) / 2 ** 20:.1f} MiB)')
@@ -510,6 +339,7 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
 
 
 __all__ = ['OPSET', 'PARTS', 'END2END_PARTS', 'BACKENDS', 'PART_KEY', 'SIZE_DIVISOR_KEY',
-           'ExportError', 'ParityError', 'compare', 'build_backbone', 'build_from_config',
-           'exportable_part', 'check_request', 'runtime_tuned', 'export_module',
+           'ATOL_OF_MAX', 'RTOL', 'ExportError', 'ParityError', 'compare', 'build_backbone',
+           'build_from_config', 'exportable_part', 'BackboneMaps', 'SegmentorLogits',
+           'SingleStageRaw', 'TwoStageFeatures', 'check_request', 'export_form', 'export_module',
            'check_onnx_parity', 'parity_inputs', 'export']

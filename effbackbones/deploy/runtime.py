@@ -1,24 +1,24 @@
-"""Running exported ONNX files in onnxruntime or OpenVINO, and plugging them into mm models.
+"""Running exported ONNX files in a runtime, and plugging them into mm models.
 
 :class:`RuntimeSession` is a callable ``torch.Tensor -> list[torch.Tensor]`` over one ONNX file
-in either runtime (CPU, float32; or bfloat16 inference in OpenVINO on a CPU with native bf16).
+in any runtime of :data:`~.contract.BACKENDS` (CPU, float32; or bfloat16 inference in OpenVINO
+on a CPU with native bf16); each runtime's own session lives in :mod:`.runtimes`.
 :func:`attach_runtime` makes an mmdet / mmseg model run the exported part of itself in the
 runtime while everything after it (mmseg's resize of the logits, mmdet's box decoding + NMS for
 a raw RetinaNet file, the Mask R-CNN RPN / RoI heads) stays in PyTorch; an end-to-end
 RetinaNet / Mask R-CNN file only needs its boxes mapped back to the image (and its masks pasted
 into it), so ``tools/test.py CONFIG MODEL.onnx --backend onnxruntime`` evaluates with the
-config's own metric.
+config's own metric. What each part attaches is written in :data:`~.parts.PARTS`.
 """
 import os
-import types
 
 import numpy as np
 import torch
 
-from .export import BACKENDS, END2END_PARTS, PART_KEY, PARTS, SIZE_DIVISOR_KEY
-
-#: inference precisions of :class:`RuntimeSession` (the file and its inputs / outputs stay float32)
-PRECISIONS = ('float32', 'bfloat16')
+from .contract import BACKENDS, PART_KEY, PRECISIONS, SIZE_DIVISOR_KEY
+from .parts import END2END_PARTS, attach_part
+from .runtimes import runtime_module
+from .runtimes.openvino import check_native_bf16
 
 
 def read_metadata(path):
@@ -55,43 +55,21 @@ class RuntimeSession:
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
         if precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
-        if precision == 'bfloat16' and backend != 'openvino':
-            raise ValueError(f"precision='bfloat16' runs in OpenVINO only ({backend}'s CPU "
-                             f"provider has no bfloat16 execution): use backend='openvino', "
-                             f"or precision='float32'")
+        runtime = runtime_module(backend)
+        if precision not in runtime.PRECISIONS:
+            able = [b for b in BACKENDS if precision in runtime_module(b).PRECISIONS]
+            raise ValueError(
+                f"precision={precision!r} runs in "
+                f"{' / '.join(runtime_module(b).NAME for b in able)} only ({backend}'s CPU "
+                f"provider has no {precision} execution): use backend={able[0]!r}, or "
+                f"precision='float32'")
         if not os.path.isfile(path):
             raise FileNotFoundError(f'ONNX file not found: {path}')
         self.path, self.backend, self.precision = path, backend, precision
         self.metadata = read_metadata(path)
         self.input_dims = self.metadata.pop('_input_dims')
-        if backend == 'onnxruntime':
-            import onnxruntime as ort
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if threads:
-                opts.intra_op_num_threads = int(threads)
-                opts.inter_op_num_threads = 1
-            self._sess = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
-            self.output_names = [o.name for o in self._sess.get_outputs()]
-            self._input_name = self._sess.get_inputs()[0].name
-        else:
-            import openvino as ov
-            core = ov.Core()
-            hint = {'float32': 'f32', 'bfloat16': 'bf16'}[precision]
-            if hint == 'bf16':
-                check_native_bf16(core)
-            config = {'INFERENCE_PRECISION_HINT': hint, 'PERFORMANCE_HINT': 'LATENCY'}
-            if threads:
-                config['INFERENCE_NUM_THREADS'] = int(threads)
-            self._compiled = core.compile_model(core.read_model(path), 'CPU', config)
-            used = self._compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()
-            # OpenVINO keeps its default when it cannot honour the hint: never run something
-            # other than what was asked for
-            if used != hint:
-                raise ValueError(f'OpenVINO compiled {path} with inference precision {used}, '
-                                 f'not the requested {hint} ({precision})')
-            self._request = self._compiled.create_infer_request()
-            self.output_names = [o.get_any_name() for o in self._compiled.outputs]
+        self._session = runtime.Session(path, threads, precision)
+        self.output_names = self._session.output_names
 
     @property
     def part(self):
@@ -138,22 +116,8 @@ class RuntimeSession:
 
     def _run(self, x):
         arr = np.ascontiguousarray(x.detach().cpu().float().numpy())
-        if self.backend == 'onnxruntime':
-            outs = self._sess.run(None, {self._input_name: arr})
-        else:
-            result = self._request.infer({0: arr})
-            outs = [result[o] for o in self._compiled.outputs]
+        outs = self._session.run(arr)
         return [torch.from_numpy(np.asarray(o)).to(x.device) for o in outs]
-
-
-def check_native_bf16(core):
-    """Raise a ValueError unless OpenVINO reports native bfloat16 on this CPU ('BF16' in the
-    CPU's ``OPTIMIZATION_CAPABILITIES``, e.g. AVX512-BF16 or AMX)."""
-    caps = list(core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))
-    if 'BF16' not in caps:
-        name = core.get_property('CPU', 'FULL_DEVICE_NAME')
-        raise ValueError(f"precision='bfloat16' needs a CPU with native bf16 (AVX512-BF16 or "
-                         f"AMX); OpenVINO reports {caps} for {name}: run precision='float32'")
 
 
 def attach_runtime(model, path, backend='onnxruntime', threads=None, torch_weights=None,
@@ -166,100 +130,8 @@ def attach_runtime(model, path, backend='onnxruntime', threads=None, torch_weigh
     file's run (:class:`RuntimeSession`); the parts left in PyTorch stay float32.
     """
     session = RuntimeSession(path, backend, threads, precision)
-    part = session.part
-    if part not in PARTS or part == 'backbone':
-        raise ValueError(f'{path} holds a {part!r} graph; tools/test.py needs a file exported '
-                         f'with --config (a segmentor or detector)')
-    if part == 'segmentor':
-        if not hasattr(model, 'decode_head'):
-            raise ValueError(f'{path} holds a segmentor but the config builds a '
-                             f'{type(model).__name__}')
-        model.extract_feat = types.MethodType(lambda self, inputs: session(inputs)[0], model)
-        # the file already ends with the decode head: its forward passes the logits through
-        model.decode_head.forward = lambda logits: logits
-    elif part == 'single_stage_end2end':
-        if not hasattr(model, 'bbox_head') or hasattr(model, 'roi_head'):
-            raise ValueError(f'{path} holds an end-to-end single-stage detector but the config '
-                             f'builds a {type(model).__name__}')
-        model.extract_feat = types.MethodType(lambda self, inputs: session(inputs), model)
-        model.bbox_head.predict = end2end_results
-    elif part == 'two_stage_end2end':
-        if not hasattr(model, 'roi_head') or not model.roi_head.with_mask:
-            raise ValueError(f'{path} holds an end-to-end Mask R-CNN but the config builds a '
-                             f'{type(model).__name__}')
-        model.extract_feat = types.MethodType(lambda self, inputs: session(inputs), model)
-        # the proposals are inside the file: the RoI head gets the file's outputs instead
-        model.rpn_head.predict = lambda x, samples, rescale=False: [None] * len(samples)
-        roi_head = model.roi_head
-        model.roi_head.predict = lambda outs, _, samples, rescale=False: \
-            end2end_mask_results(roi_head, outs, samples, rescale)
-    elif part == 'single_stage':
-        if not hasattr(model, 'bbox_head') or hasattr(model, 'roi_head'):
-            raise ValueError(f'{path} holds a single-stage detector but the config builds a '
-                             f'{type(model).__name__}')
-        model.extract_feat = types.MethodType(lambda self, inputs: session(inputs), model)
-
-        def head_outputs(outs):
-            n = len(outs) // 2
-            return list(outs[:n]), list(outs[n:])
-        model.bbox_head.forward = head_outputs
-    else:
-        if not hasattr(model, 'roi_head'):
-            raise ValueError(f'{path} holds two-stage detector features but the config builds '
-                             f'a {type(model).__name__}')
-        if not torch_weights:
-            raise ValueError(f'{path} holds the backbone + neck only; the RPN and RoI heads run '
-                             f'in PyTorch and need the trained checkpoint: pass --torch-weights '
-                             f'CHECKPOINT.pth')
-        model.extract_feat = types.MethodType(lambda self, inputs: tuple(session(inputs)), model)
+    attach_part(model, session, torch_weights)
     return session
-
-
-def end2end_results(outs, batch_data_samples, rescale=True):
-    """``bbox_head.predict`` for an end-to-end file: its ``dets`` / ``labels`` (exported input
-    pixels) as mmdet's ``InstanceData``, boxes clamped to the sample's ``img_shape`` and, with
-    ``rescale``, divided by its ``scale_factor`` (mmdet's ``scale_boxes``)."""
-    from mmengine.structures import InstanceData
-    dets, labels = outs     # (N, K, 5) / (N, K), or N per-image tensors (RuntimeSession)
-    if len(batch_data_samples) != len(dets):
-        raise ValueError(f'{len(batch_data_samples)} images in the batch, the file returned '
-                         f'detections for {len(dets)}')
-    results = []
-    for i, sample in enumerate(batch_data_samples):
-        meta = sample.metainfo
-        boxes = dets[i][:, :4].clone()
-        h, w = meta['img_shape'][:2]
-        # the graph clamps to the (padded) input; mmdet clamps to the image inside it
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=h)
-        if rescale:
-            sw, sh = meta['scale_factor']
-            boxes = boxes * boxes.new_tensor([1 / sw, 1 / sh]).repeat(2)
-        results.append(InstanceData(bboxes=boxes, scores=dets[i][:, 4].clone(),
-                                    labels=labels[i].clone()))
-    return results
-
-
-def end2end_mask_results(roi_head, outs, batch_data_samples, rescale=True):
-    """``roi_head.predict`` for an end-to-end Mask R-CNN file: :func:`end2end_results` of its
-    ``dets`` / ``labels``, and its ``masks`` (box-relative probabilities) pasted into the image
-    by the mask head's own ``_predict_by_feat_single`` (which rescales the boxes in place, as
-    in mmdet)."""
-    from mmdet.models.utils import empty_instances
-    dets, labels, masks = outs
-    results = end2end_results([dets, labels], batch_data_samples, rescale=False)
-    thr = roi_head.test_cfg.mask_thr_binary
-    for i, (res, sample) in enumerate(zip(results, batch_data_samples)):
-        if len(res) == 0:
-            results[i] = empty_instances([sample.metainfo], dets[i].device, task_type='mask',
-                                         instance_results=[res], mask_thr_binary=thr)[0]
-            continue
-        # the file already picked each box's class channel: index channel 0
-        res.masks = roi_head.mask_head._predict_by_feat_single(
-            mask_preds=masks[i][:, None], bboxes=res.bboxes,
-            labels=torch.zeros_like(res.labels), img_meta=sample.metainfo,
-            rcnn_test_cfg=roi_head.test_cfg, rescale=rescale, activate_map=True)
-    return results
 
 
 __all__ = ['BACKENDS', 'PRECISIONS', 'RuntimeSession', 'attach_runtime', 'check_native_bf16',

@@ -96,10 +96,6 @@ class BaseDenseBackbone(BaseModule):
     arch_keys = ()
     #: input sides must be multiples of this (``None``: any size works)
     size_divisor = 32
-    #: whether the returned maps are channels-last in OpenVINO (written by a conv or what follows
-    #: it per pixel): a backbone graph exported for OpenVINO then hands them out through
-    #: :func:`~.layers.openvino_channels_first` (``BackboneMaps``)
-    openvino_channels_last_maps = True
     #: strides of the maps the family can return, by out index
     strides = (4, 8, 16, 32)
     #: patterns (fnmatch on our key layout) of tensors a classification checkpoint lacks

@@ -286,8 +286,6 @@ class EfficientFormer(BaseDenseBackbone):
                     'efficientformerl7': 'l7'}
     arch_keys = ('widths', 'depths', 'num_vit')
     size_divisor = None
-    #: the returned maps come out of GroupNorms, channels-first (``ExportableGroupNorm``)
-    openvino_channels_last_maps = False
     new_key_patterns = ('out_norms.*', '*.attention_biases_seg')
     ignored_key_patterns = ('head.*', 'head_dist.*', 'dist_head.*', 'norm.*',
                             '*.attention_bias_idxs', '*.attention_bias_idxs_seg')

@@ -1,7 +1,7 @@
 """Building blocks shared by every family: drop-path and its schedule, layer scale, conv/linear +
 BN pairs, and the deploy-time rewrites: folding BN and layer scales into the neighbouring layers,
-dropping eval-mode no-ops, the exportable GroupNorm, space-to-depth / depth-to-space as their
-ONNX ops, and the channels-first hand-over that graphs exported for OpenVINO use.
+dropping eval-mode no-ops, and the exportable GroupNorm. (What one runtime runs faster lives in
+:mod:`effbackbones.deploy.runtimes`, not here.)
 
 Everything that more than one family needs lives here once; a family file only composes them.
 (The relative-position attention biases live in :mod:`.attention_bias`.)
@@ -199,25 +199,6 @@ def replace_inference_noops_(module):
                 setattr(parent, name, nn.Identity())
 
 
-#: channel counts whose float32 channels-last -> channels-first reorder OpenVINO's CPU plugin
-#: (2026.4) runs as a scalar loop, ~30x slower per element than the oneDNN kernel it uses for
-#: 4-12 or 80+ channels (docs/deploy.md); the graphs exported for OpenVINO avoid that reorder
-OPENVINO_SLOW_REORDER_CHANNELS = range(16, 65)
-
-
-def openvino_channels_first(x):
-    """``x`` (NCHW) unchanged, in the graph that OpenVINO runs fast where ``x`` is the
-    channels-last output of a conv with :data:`OPENVINO_SLOW_REORDER_CHANNELS` channels and the
-    consumer needs it channels-first (a reshape, a graph output): the channels-last view
-    ``(B, HW, C)`` (free on that memory) transposed by OpenVINO's transpose kernel, instead of
-    its scalar reorder (a 48x128x128 map: 0.9 ms instead of 4.5 ms). Other maps pass as they
-    are."""
-    b, c, h, w = x.shape
-    if c not in OPENVINO_SLOW_REORDER_CHANNELS:
-        return x
-    return x.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
-
-
 class ExportableGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` as explicit ops whose means are taken one axis at a time, for deployed /
     exported models; same values in PyTorch, same parameters.
@@ -246,13 +227,7 @@ class ExportableGroupNorm(nn.GroupNorm):
             x = x.mean(dim=-1)
         return x
 
-    #: set while a static graph for OpenVINO is exported (``export_friendly``): the map is
-    #: made channels-first first (:func:`openvino_channels_first`), for the reshape below
-    export_runtime = None
-
     def forward(self, x):
-        if self.export_runtime == 'openvino' and x.dim() == 4:
-            x = openvino_channels_first(x)
         shape = x.shape
         g = x.reshape(shape[0], self.num_groups, -1, *shape[2:])
         stat_shape = (shape[0], self.num_groups) + (1,) * (g.dim() - 2)
@@ -271,52 +246,6 @@ def exportable_group_norms_(module):
         for name, child in list(parent.named_children()):
             if type(child) is nn.GroupNorm:
                 setattr(parent, name, ExportableGroupNorm.from_group_norm(child))
-
-
-def _space_to_depth(x, block):
-    b, c, h, w = x.shape
-    return (x.reshape(b, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
-            .reshape(b, block * block * c, h // block, w // block))
-
-
-def _depth_to_space(x, block):
-    b, c, h, w = x.shape
-    c //= block * block
-    return (x.reshape(b, block, block, c, h, w).permute(0, 3, 4, 1, 5, 2)
-            .reshape(b, c, h * block, w * block))
-
-
-class _PixelBlocks(torch.autograd.Function):
-    """Space-to-depth (``to_depth``) or depth-to-space in ONNX's order, exported as that ONNX op;
-    each is the other's gradient (a permutation)."""
-
-    @staticmethod
-    def forward(ctx, x, block, to_depth):
-        ctx.block, ctx.to_depth = block, to_depth
-        return (_space_to_depth if to_depth else _depth_to_space)(x, block)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (_depth_to_space if ctx.to_depth else _space_to_depth)(grad, ctx.block), None, None
-
-    @staticmethod
-    def symbolic(g, x, block, to_depth):
-        if to_depth:
-            return g.op('SpaceToDepth', x, blocksize_i=block)
-        return g.op('DepthToSpace', x, blocksize_i=block, mode_s='DCR')
-
-
-def space_to_depth(x, block):
-    """``(B, C, H, W) -> (B, block**2 * C, H / block, W / block)`` in ONNX ``SpaceToDepth``'s
-    order (output channel ``(i * block + j) * C + c`` holds pixel ``(i, j)`` of each block),
-    exported as that op (PyTorch's ``pixel_unshuffle`` has another channel order and exports as
-    reshapes and a 6-D transpose)."""
-    return _PixelBlocks.apply(x, block, True)
-
-
-def depth_to_space(x, block):
-    """The inverse of :func:`space_to_depth`, exported as ONNX ``DepthToSpace`` (mode DCR)."""
-    return _PixelBlocks.apply(x, block, False)
 
 
 class ConvBN(nn.Sequential):
@@ -367,5 +296,5 @@ class LinearBN(nn.Sequential):
 __all__ = ['DropPath', 'drop_path_or_identity', 'stochastic_depth_schedule', 'LayerScale',
            'LayerScale2d', 'fuse_conv_bn', 'fuse_bn_conv1x1', 'fuse_linear_bn', 'fuse_bn_linear',
            'fold_bn_', 'fold_conv_bn_pairs_', 'fold_scale_into_', 'fold_layer_scale_',
-           'replace_inference_noops_', 'OPENVINO_SLOW_REORDER_CHANNELS', 'openvino_channels_first',
-           'ExportableGroupNorm', 'exportable_group_norms_', 'space_to_depth', 'depth_to_space', 'ConvBN', 'LinearBN']
+           'replace_inference_noops_', 'ExportableGroupNorm', 'exportable_group_norms_', 'ConvBN',
+           'LinearBN']

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from ..checkpoint import rename_keys
 from ..registry import MODELS
 from .base import BaseDenseBackbone, BlockStage
-from .layers import (OPENVINO_SLOW_REORDER_CHANNELS, ConvBN, LayerScale, drop_path_or_identity,
-                     fold_bn_, fold_conv_bn_pairs_, fold_layer_scale_, stochastic_depth_schedule)
+from .layers import (ConvBN, LayerScale, drop_path_or_identity, fold_bn_, fold_conv_bn_pairs_,
+                     fold_layer_scale_, stochastic_depth_schedule)
 
 
 class ConvEncoder(nn.Module):
@@ -65,8 +65,6 @@ class EfficientAdditiveAttention(nn.Module):
         self.scale = dim ** -0.5
         self.proj = nn.Linear(dim, dim)
         self.final = nn.Linear(dim, dim)
-        #: set while a static graph for OpenVINO is exported (``export_friendly``)
-        self.export_runtime = None
 
     def forward(self, x):
         query = F.normalize(self.to_query(x), dim=-1)
@@ -82,16 +80,14 @@ class EfficientAdditiveAttention(nn.Module):
         key = F.normalize(_conv1x1(x, self.to_key), dim=1)
         logits = F.conv2d(query, self.w_g.t()[:, :, None, None]) * self.scale     # (B, 1, H, W)
         attn = F.normalize(logits.flatten(2), dim=-1)                             # over pixels
-        b, c, h, w = query.shape
-        if self.export_runtime == 'openvino' and c in OPENVINO_SLOW_REORDER_CHANNELS:
-            # the pixels as the channels-last matrix OpenVINO's convs write, not the
-            # channels-first one it reorders 16-64 channels into slowly
-            pixels = query.permute(0, 2, 3, 1).reshape(b, h * w, c)
-            global_query = (attn @ pixels).transpose(1, 2)                        # (B, C, 1)
-        else:
-            global_query = query.flatten(2) @ attn.transpose(1, 2)                # (B, C, 1)
+        global_query = self._global_query(query, attn)                            # (B, C, 1)
         out = _conv1x1(global_query.unsqueeze(-1) * key, self.proj) + query
         return _conv1x1(out, self.final)
+
+    def _global_query(self, query, attn):
+        """``sum_n A_n q_n`` of the NCHW ``query`` with the ``(B, 1, HW)`` weights ``attn``:
+        ``(B, C, 1)``."""
+        return query.flatten(2) @ attn.transpose(1, 2)
 
 
 def _conv1x1(x, linear):

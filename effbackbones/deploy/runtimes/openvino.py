@@ -1,0 +1,269 @@
+"""OpenVINO (CPU plugin): float32 or bfloat16 sessions, and the export stand-ins of a static
+graph tuned for it.
+
+The one fact the stand-ins work around (OpenVINO 2026.4, CPU plugin): it runs convolutions
+channels-last, and its float32 channels-last -> channels-first reorder of a map with 16 to 64
+channels (:data:`SLOW_REORDER_CHANNELS`) is a scalar loop, ~30x slower per element than the
+oneDNN kernel it uses for 4-12 or 80+ channels (docs/benchmarks/amd-epyc-avx512.md). Where a
+consumer needs such a map channels-first (a graph output, a reshape into groups, an attention
+reading ``(C, HW)``), the stand-in hands it over another way with the same values:
+
+=====================================  ===================================================
+model module                           stand-in
+=====================================  ===================================================
+``BackboneMaps`` (conv-written maps)   outputs through :func:`channels_first`
+``ExportableGroupNorm``                input through :func:`channels_first`
+SwiftFormer ``EfficientAdditiveAtt.``  global query read from the channels-last pixels
+Mobile-Former bridges (deploy form)    pixels read in :func:`space_to_depth` blocks
+=====================================  ===================================================
+"""
+import torch
+
+from ...models.efficientformer import EfficientFormer
+from ...models.layers import ExportableGroupNorm
+from ...models.mobileformer import FormerToMobile, MobileFormer, MobileToFormer
+from ...models.swiftformer import EfficientAdditiveAttention
+from ..contract import PRECISIONS
+from ..parts import BackboneMaps
+from ..substitution import RuntimeForm, adopt
+
+#: channel counts whose float32 channels-last -> channels-first reorder OpenVINO's CPU plugin
+#: (2026.4) runs as a scalar loop
+SLOW_REORDER_CHANNELS = range(16, 65)
+
+
+def channels_first(x):
+    """``x`` (NCHW) unchanged, in the graph that OpenVINO runs fast where ``x`` is the
+    channels-last output of a conv with :data:`SLOW_REORDER_CHANNELS` channels and the
+    consumer needs it channels-first: the channels-last view ``(B, HW, C)`` (free on that
+    memory) transposed by OpenVINO's transpose kernel, instead of its scalar reorder (a
+    48x128x128 map: 0.9 ms instead of 4.5 ms). Returns ``(x, changed)``: other maps pass as
+    they are."""
+    b, c, h, w = x.shape
+    if c not in SLOW_REORDER_CHANNELS:
+        return x, False
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w), True
+
+
+# --------------------------------------------------------------------------------------------
+# space-to-depth / depth-to-space as their ONNX ops
+# --------------------------------------------------------------------------------------------
+def _space_to_depth(x, block):
+    b, c, h, w = x.shape
+    return (x.reshape(b, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
+            .reshape(b, block * block * c, h // block, w // block))
+
+
+def _depth_to_space(x, block):
+    b, c, h, w = x.shape
+    c //= block * block
+    return (x.reshape(b, block, block, c, h, w).permute(0, 3, 4, 1, 5, 2)
+            .reshape(b, c, h * block, w * block))
+
+
+class _PixelBlocks(torch.autograd.Function):
+    """Space-to-depth (``to_depth``) or depth-to-space in ONNX's order, exported as that ONNX op;
+    each is the other's gradient (a permutation)."""
+
+    @staticmethod
+    def forward(ctx, x, block, to_depth):
+        ctx.block, ctx.to_depth = block, to_depth
+        return (_space_to_depth if to_depth else _depth_to_space)(x, block)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (_depth_to_space if ctx.to_depth else _space_to_depth)(grad, ctx.block), None, None
+
+    @staticmethod
+    def symbolic(g, x, block, to_depth):
+        if to_depth:
+            return g.op('SpaceToDepth', x, blocksize_i=block)
+        return g.op('DepthToSpace', x, blocksize_i=block, mode_s='DCR')
+
+
+def space_to_depth(x, block):
+    """``(B, C, H, W) -> (B, block**2 * C, H / block, W / block)`` in ONNX ``SpaceToDepth``'s
+    order (output channel ``(i * block + j) * C + c`` holds pixel ``(i, j)`` of each block),
+    exported as that op (PyTorch's ``pixel_unshuffle`` has another channel order and exports as
+    reshapes and a 6-D transpose)."""
+    return _PixelBlocks.apply(x, block, True)
+
+
+def depth_to_space(x, block):
+    """The inverse of :func:`space_to_depth`, exported as ONNX ``DepthToSpace`` (mode DCR)."""
+    return _PixelBlocks.apply(x, block, False)
+
+
+# --------------------------------------------------------------------------------------------
+# the stand-ins
+# --------------------------------------------------------------------------------------------
+#: backbones whose returned maps are channels-first in OpenVINO already (EfficientFormer: they
+#: come out of GroupNorms; Mobile-Former: out of the Former->Mobile bridges)
+CHANNELS_FIRST_MAPS = (EfficientFormer, MobileFormer)
+
+
+class BackboneMapsForOpenVINO(RuntimeForm, BackboneMaps):
+    """The backbone's conv-written maps leave the graph through :func:`channels_first`."""
+
+    def forward(self, x):
+        maps = []
+        for m in super().forward(x):
+            m, changed = channels_first(m)
+            if changed:
+                self.mark_applied()
+            maps.append(m)
+        return tuple(maps)
+
+
+def _backbone_maps(part):
+    if isinstance(part.model, CHANNELS_FIRST_MAPS):
+        return None
+    return adopt(BackboneMapsForOpenVINO, part)
+
+
+class GroupNormForOpenVINO(RuntimeForm, ExportableGroupNorm):
+    """The input is made channels-first (:func:`channels_first`) for the group reshape
+    (EfficientFormer's output norms read conv-written maps)."""
+
+    def forward(self, x):
+        if x.dim() == 4:
+            x, changed = channels_first(x)
+            if changed:
+                self.mark_applied()
+        return super().forward(x)
+
+
+class AdditiveAttentionForOpenVINO(RuntimeForm, EfficientAdditiveAttention):
+    """SwiftFormer's global query reads the pixels as the channels-last matrix OpenVINO's convs
+    write, not the channels-first one it reorders 16-64 channels into slowly."""
+
+    def _global_query(self, query, attn):
+        b, c, h, w = query.shape
+        if c not in SLOW_REORDER_CHANNELS:
+            return super()._global_query(query, attn)
+        self.mark_applied()
+        pixels = query.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        return (attn @ pixels).transpose(1, 2)                                    # (B, C, 1)
+
+
+def pixel_block(channels, height, width):
+    """Side of the pixel blocks a Mobile-Former bridge of the deploy form reads its map in
+    (1: the map as it is).
+
+    The bridges read the map as a channels-first ``(C, HW)`` matrix: for
+    :data:`SLOW_REORDER_CHANNELS` (4.9 of Mobile-Former-294M's ~20 ms at 512x512,
+    docs/benchmarks/amd-epyc-avx512.md) ``space_to_depth`` (channels-last in OpenVINO) first
+    makes ``block**2 * C >= 80`` channels, so the reorder that follows takes the fast kernel. The
+    attention sums over all pixels (tokens attend to the map) or treats each pixel alone
+    (pixels attend to the tokens), so reading them in block order changes nothing but the
+    order of a sum. The sides must divide by the block (a static graph: traced sizes).
+    """
+    if channels not in SLOW_REORDER_CHANNELS:
+        return 1
+    block = 2 if 4 * channels >= 80 else 4
+    return block if height % block == 0 and width % block == 0 else 1
+
+
+def _pixel_blocks_per_head(x, num_heads, block):
+    """:func:`space_to_depth` ``(x, block)`` as ``(B, block**2, heads, C / heads, HW / block**2)``:
+    per head, ``block**2`` sets of pixels."""
+    b, c, h, w = x.shape
+    return space_to_depth(x, block).reshape(b, block * block, num_heads, c // num_heads,
+                                            h * w // (block * block))
+
+
+class MobileToFormerForOpenVINO(RuntimeForm, MobileToFormer):
+    """The tokens attend to the pixels of :func:`space_to_depth` ``(x, block)``
+    (:func:`pixel_block`): ``n = block**2`` pixel sets of ``p`` pixels. The softmax over all
+    ``n * p`` pixels is taken unnormalised, its sums divide the ``(B, h, M, c)`` result."""
+
+    def _attend(self, x, q, shape):
+        block = pixel_block(*shape[1:])
+        if block == 1:
+            return super()._attend(x, q, shape)
+        self.mark_applied()
+        k = _pixel_blocks_per_head(x, self.num_heads, block)                   # B,n,h,c,p
+        logits = q.unsqueeze(1) @ k                                            # B,n,h,M,p
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        weights = (logits - logits.amax(dim=(1, 4), keepdim=True)).exp()
+        return (weights @ k.transpose(-1, -2)).sum(dim=1) / \
+            weights.sum(dim=(1, 4)).unsqueeze(-1)                              # B,h,M,c
+
+
+class FormerToMobileForOpenVINO(RuntimeForm, FormerToMobile):
+    """Each pixel of :func:`space_to_depth` ``(x, block)`` attends to the tokens, the result
+    goes back through :func:`depth_to_space` (:func:`pixel_block`)."""
+
+    def _attend_map(self, x, k, v):
+        b, c, h, w = x.shape
+        block = pixel_block(c, h, w)
+        if block == 1:
+            return super()._attend_map(x, k, v)
+        self.mark_applied()
+        q = _pixel_blocks_per_head(x, self.num_heads, block)                     # B,n,h,c,p
+        logits = k.transpose(-1, -2).unsqueeze(1) @ q                            # B,n,h,M,p
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        out = v.unsqueeze(1) @ logits.softmax(dim=3)                             # B,n,h,c,p
+        out = (q + self.drop_path(out)).reshape(b, block * block * c, h // block, w // block)
+        return depth_to_space(out, block)
+
+
+#: how messages name it
+NAME = 'OpenVINO'
+#: model module type -> its stand-in in a static graph tuned for OpenVINO; the bridges only in
+#: their deploy form (the eager form reads the map token-major anyway)
+SUBSTITUTIONS = {
+    BackboneMaps: _backbone_maps,
+    ExportableGroupNorm: lambda m: adopt(GroupNormForOpenVINO, m),
+    EfficientAdditiveAttention: lambda m: adopt(AdditiveAttentionForOpenVINO, m),
+    MobileToFormer: lambda m: adopt(MobileToFormerForOpenVINO, m) if m.merged else None,
+    FormerToMobile: lambda m: adopt(FormerToMobileForOpenVINO, m) if m.attend_map else None,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# sessions
+# --------------------------------------------------------------------------------------------
+def check_native_bf16(core):
+    """Raise a ValueError unless OpenVINO reports native bfloat16 on this CPU ('BF16' in the
+    CPU's ``OPTIMIZATION_CAPABILITIES``, e.g. AVX512-BF16 or AMX)."""
+    caps = list(core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))
+    if 'BF16' not in caps:
+        name = core.get_property('CPU', 'FULL_DEVICE_NAME')
+        raise ValueError(f"precision='bfloat16' needs a CPU with native bf16 (AVX512-BF16 or "
+                         f"AMX); OpenVINO reports {caps} for {name}: run precision='float32'")
+
+
+class Session:
+    """One ONNX file compiled by OpenVINO for the CPU, latency hint, the inference precision
+    pinned (float32 would otherwise be bfloat16 on CPUs with native bf16)."""
+
+    def __init__(self, path, threads=None, precision='float32'):
+        import openvino as ov
+        core = ov.Core()
+        hint = {'float32': 'f32', 'bfloat16': 'bf16'}[precision]
+        if hint == 'bf16':
+            check_native_bf16(core)
+        config = {'INFERENCE_PRECISION_HINT': hint, 'PERFORMANCE_HINT': 'LATENCY'}
+        if threads:
+            config['INFERENCE_NUM_THREADS'] = int(threads)
+        self._compiled = core.compile_model(core.read_model(path), 'CPU', config)
+        used = self._compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()
+        # OpenVINO keeps its default when it cannot honour the hint: never run something
+        # other than what was asked for
+        if used != hint:
+            raise ValueError(f'OpenVINO compiled {path} with inference precision {used}, '
+                             f'not the requested {hint} ({precision})')
+        self._request = self._compiled.create_infer_request()
+        self.output_names = [o.get_any_name() for o in self._compiled.outputs]
+
+    def run(self, array):
+        result = self._request.infer({0: array})
+        return [result[o] for o in self._compiled.outputs]
+
+
+__all__ = ['NAME', 'SUBSTITUTIONS', 'PRECISIONS', 'Session', 'SLOW_REORDER_CHANNELS',
+           'channels_first', 'pixel_block', 'space_to_depth', 'depth_to_space',
+           'check_native_bf16']
