@@ -171,3 +171,40 @@ def test_export_backbone_takes_safetensors(tmp_path):
     path = _save(test_efficientformer_v2.timm_state_dict(pack, cls_sd), tmp_path / 'm.safetensors')
     model = build_backbone('EfficientFormerV2', 's0', checkpoint=path)
     assert torch.equal(model.state_dict()['stem.conv1.conv.weight'], cls_sd['patch_embed.0.weight'])
+
+
+def test_hub_urls_in_init_cfg_are_cached_per_repository(tmp_path, monkeypatch):
+    """Every Hub file is called model.safetensors: two models' URLs must not share a cache file."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    pack = load_pack('levit', '128s')
+    sds = [test_levit._timm_state_dict(pack, test_levit._cls_state_dict(pack, seed=s))
+           for s in (1, 2)]
+    for name, sd in zip(('a', 'b'), sds):
+        folder = tmp_path / 'www' / 'timm' / name / 'resolve' / 'main'
+        folder.mkdir(parents=True)
+        _save(sd, folder / 'model.safetensors')
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(
+        Quiet, directory=str(tmp_path / 'www')))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    try:
+        for name, sd in zip(('a', 'b'), sds):
+            url = (f'http://127.0.0.1:{httpd.server_address[1]}/timm/{name}/resolve/main/'
+                   'model.safetensors')
+            model = LeViT('128s', init_cfg=dict(type='Pretrained', checkpoint=url))
+            model.init_weights()
+            assert torch.equal(model.state_dict()['stem.conv1.c.weight'],
+                               sd['stem.conv1.linear.weight'])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert sorted(p.name for p in (tmp_path / 'hub' / 'checkpoints').iterdir()) == [
+        'timm--a--model.safetensors', 'timm--b--model.safetensors']

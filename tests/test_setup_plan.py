@@ -116,6 +116,7 @@ def test_working_mmcv_is_kept(tmp_path):
     cuda = plan.plan_mmcv(_cuda_torch(nvcc_version=None, mmcv_version='2.1.0',
                                       mmcv_ops='cuda 13.0'), str(tmp_path))
     assert cuda['action'] == 'keep'
+    assert len(cuda['messages']) == 1 and cuda['messages'][0].endswith('kept')  # no nvcc warning
 
 
 def test_cpu_mmcv_on_cuda_torch_is_rebuilt_with_kernels(tmp_path):

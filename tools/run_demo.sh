@@ -10,7 +10,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/setup_env.sh"
 cd "$ROOT"
-PY="$ROOT/.venv/bin/python"
+# the environment setup_env.sh set up: EFFB_PYTHON / EFFB_IN_PLACE / EFFB_VENV as it reads them
+if [ -n "${EFFB_PYTHON:-}" ]; then PY="$EFFB_PYTHON"
+elif [ "${EFFB_IN_PLACE:-0}" = "1" ]; then PY="$(command -v python || command -v python3)"
+else PY="${EFFB_VENV:-$ROOT/.venv}/bin/python"; fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 OUT="${DEMO_OUT:-work_dirs/demo}"
 

@@ -13,6 +13,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/setup_env.sh"
 cd "$ROOT"
+# the environment setup_env.sh set up: EFFB_PYTHON / EFFB_IN_PLACE / EFFB_VENV as it reads them
+if [ -n "${EFFB_PYTHON:-}" ]; then PY="$EFFB_PYTHON"
+elif [ "${EFFB_IN_PLACE:-0}" = "1" ]; then PY="$(command -v python || command -v python3)"
+else PY="${EFFB_VENV:-$ROOT/.venv}/bin/python"; fi
 CORES="$(nproc 2>/dev/null || echo 2)"
 WORKERS="${EFFB_TEST_WORKERS:-$(( CORES < 4 ? CORES : 4 ))}"
 if ! [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]]; then
@@ -28,7 +32,7 @@ else
   XDIST=()
 fi
 set +e
-"$ROOT/.venv/bin/python" -m pytest -q -ra "${XDIST[@]}" "$@"
+"$PY" -m pytest -q -ra "${XDIST[@]}" "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then

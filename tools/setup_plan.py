@@ -169,6 +169,7 @@ def plan_mmcv(facts, cache_root):
     has_cuda = (facts.mmcv_ops or '').startswith('cuda')
     loads = facts.mmcv_version == MMCV_VERSION and (facts.mmcv_ops == 'cpu' or has_cuda)
     if loads and (has_cuda or not cuda_ops):  # a working CUDA build is kept even without nvcc
+        del messages[:]  # (what a build would do does not apply)
         messages.append(f'mmcv {MMCV_VERSION} with {facts.mmcv_ops} ops already loads with this '
                         'torch: kept')
         return dict(plan, action='keep', wheel_dir='')

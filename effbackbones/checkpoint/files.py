@@ -20,7 +20,7 @@ import torch
 from mmengine.logging import print_log
 
 from .errors import CheckpointError
-from .safetensors_file import looks_like_safetensors, read_safetensors
+from .safetensors_file import looks_like_safetensors, read_safetensors, url_cache_name
 
 
 def _safe_globals():
@@ -52,7 +52,7 @@ def resolve_path(path):
     if path.startswith(('http://', 'https://')):
         cache = osp.join(torch.hub.get_dir(), 'checkpoints')
         os.makedirs(cache, exist_ok=True)
-        dst = osp.join(cache, osp.basename(path.split('?')[0]))
+        dst = osp.join(cache, url_cache_name(path))
         if not osp.exists(dst):
             torch.hub.download_url_to_file(path, dst)
         return dst

@@ -18,6 +18,19 @@ SAFETENSORS_SUFFIX = '.safetensors'
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
 
 
+def url_cache_name(url):
+    """The file name a downloaded checkpoint URL is cached under. Hugging Face Hub files are all
+    called ``model.safetensors``: their cache name keeps the repository
+    (``.../timm/levit_128s.fb_dist_in1k/resolve/main/model.safetensors`` ->
+    ``timm--levit_128s.fb_dist_in1k--model.safetensors``), or every model would share one file."""
+    parts = url.split('?')[0].split('#')[0].rstrip('/').split('/')
+    if 'resolve' in parts:
+        at = parts.index('resolve')
+        if at >= 2:
+            return '--'.join(parts[at - 2:at] + parts[-1:])
+    return parts[-1]
+
+
 class _NotSafetensors(Exception):
     pass
 
