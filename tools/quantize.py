@@ -32,6 +32,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def parse_args(argv=None):
+    from mmengine.config import DictAction
     p = argparse.ArgumentParser(description='post-training INT8 quantization with NNCF')
     p.add_argument('config', nargs='?', help='a trained config of this project (with CHECKPOINT)')
     p.add_argument('config_checkpoint', nargs='?', metavar='CHECKPOINT',
@@ -61,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument('--force', action='store_true', help='write the file above the bound too')
     p.add_argument('--keep-float', metavar='FILE.onnx',
                    help='also write the float32 ONNX file the INT8 one was made from')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                   help='with CONFIG: override settings, e.g. train_dataloader.dataset.data_root=D')
     p.add_argument('--out', required=True, help='the .xml (openvino) or .onnx (onnxruntime)')
     return p.parse_args(argv)
 
@@ -102,7 +105,7 @@ def config_request(args):
     if args.model or args.out_indices or args.calib_dir or args.synthetic_calib:
         raise QuantizeError('--model / --out-indices / --calib-dir / --synthetic-calib apply to '
                             'a backbone; CONFIG calibrates on its own train images')
-    model, cfg = build_from_config(args.config, args.config_checkpoint)
+    model, cfg = build_from_config(args.config, args.config_checkpoint, args.cfg_options)
     calib = config_inputs(model, cfg, 'train', args.calib)
     check = config_inputs(model, cfg, 'test', args.check)
     sizes = sorted({tuple(x.shape[2:]) for x in calib + check})
