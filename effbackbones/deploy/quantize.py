@@ -44,9 +44,10 @@ class BoundError(RuntimeError):
 class Recipe:
     """NNCF settings of one family.
 
-    ``transformer``: ``nncf.ModelType.TRANSFORMER`` (NNCF then keeps the attention's softmax,
-    the norms' statistics and the residual adds of transformer blocks out of int8 and quantizes
-    MatMul inputs per tensor); ``smooth_quant``: SmoothQuant alpha for MatMuls (-1: off), which
+    ``transformer``: ``nncf.ModelType.TRANSFORMER`` (NNCF then quantizes only the inputs of
+    convolutions and MatMuls, activation x activation MatMuls symmetric, and leaves the
+    element-wise and normalisation ops -- residual / attention-bias adds, products, LayerNorm /
+    GroupNorm -- in float); ``smooth_quant``: SmoothQuant alpha for MatMuls (-1: off), which
     moves activation outliers into the weights; ``ignored_types``: op types left in float
     (OpenVINO type names; for the ONNX backend the ONNX ones in ``ignored_onnx_types``);
     ``bound``: the largest accepted mean-relative error (``mean|int8 - fp32| / mean|fp32|``) of
@@ -60,18 +61,22 @@ class Recipe:
     why: str = ''
 
 
-#: per family (backbone class name); chosen from the measurements in docs/int8.md
+#: per family (backbone class name); chosen from the sweep in docs/int8.md (transformer type
+#: against the default CNN type and SmoothQuant 0.95, per-map errors on held-out images)
 RECIPES = {
-    'SwiftFormer': Recipe(why='conv stages + additive attention (no softmax): transformer type '
-                              'keeps the L2-normalisation and the token scores in float'),
-    'EfficientFormer': Recipe(why='conv stages + a last MHSA stage: transformer type keeps its '
-                                  'softmax and LayerNorms in float'),
-    'EfficientFormerV2': Recipe(why='attention in stages 3-4 with talking heads around the '
-                                    'softmax: transformer type'),
-    # the last stage's maps (2x2-4x4 tokens at 64-128 px) reach 0.07-0.1 on random weights
-    'LeViT': Recipe(bound=0.15, why='attention in every stage: transformer type (softmax, '
-                                    'attention-bias adds in float)'),
-    'MobileFormer': Recipe(why='dynamic ReLU + cross-attention bridges: transformer type'),
+    'SwiftFormer': Recipe(why='transformer type: its normalisation / layer-scale products stay '
+                              'float (CNN type: deeper maps 1.1-1.2x worse); SmoothQuant: no '
+                              'change'),
+    'EfficientFormer': Recipe(why='transformer type: GroupNorm / LayerNorm inputs stay float (CNN '
+                                  'type: stride-4 map 10x worse); SmoothQuant: no change'),
+    'EfficientFormerV2': Recipe(why='transformer type (CNN type: every map 1.1-1.2x worse); '
+                                    'SmoothQuant: no change'),
+    # the last stage's maps (2x2-7x7 tokens at 64-224 px) reach 0.07-0.1 on random weights
+    'LeViT': Recipe(bound=0.15, why='transformer type (CNN type the same within noise); '
+                                    'SmoothQuant off: last stage 1.7x worse with it'),
+    'MobileFormer': Recipe(why='transformer type: dynamic-ReLU products and bridge adds stay '
+                               'float (CNN type: deeper maps 1.6-2.5x worse); SmoothQuant: no '
+                               'gain'),
 }
 
 
