@@ -7,7 +7,8 @@ an OpenVINO IR (.xml + .bin) or, with --backend onnxruntime, a QDQ .onnx.
     # images through its test pipeline, the error checked on its first test images
     python tools/quantize.py configs/demo/semfpn_swiftformer_xs_shapes.py \\
         work_dirs/demo/semfpn/iter_120.pth --out semfpn_int8.xml [--calib 32] [--check 4]
-    python tools/test.py configs/demo/semfpn_swiftformer_xs_shapes.py semfpn_int8.xml --backend openvino
+    python tools/test.py configs/demo/semfpn_swiftformer_xs_shapes.py semfpn_int8.xml \
+        --backend openvino
     # a backbone: calibration images from a folder (resized to --shape, ImageNet-normalised)
     python tools/quantize.py --model EfficientFormer --arch l1 --checkpoint l1.pth \\
         --shape 512 512 --calib-dir images/ --out efficientformer_l1_int8.xml
