@@ -290,7 +290,7 @@ def test_summarize_run_compares_a_deploy_metric_to_its_reference(tmp_path):
     differ = run([PY, script, far, '--metric', 'mIoU', '--reference', ref], check=False)
     assert differ.returncode == 4 and 'DIFFERENT' in differ.stdout
     loose = run([PY, script, far, '--metric', 'mIoU', '--reference', ref, '--tolerance', '2'])
-    assert '-> same' in loose.stdout
+    assert '-> within (tolerance 2.0)' in loose.stdout     # not equal: not 'same'
     missing = run([PY, script, dep, '--metric', 'coco/bbox_mAP', '--reference', ref],
                   check=False)
     assert missing.returncode == 1 and f'no coco/bbox_mAP in {dep}' in missing.stderr

@@ -54,6 +54,9 @@ from effbackbones.deploy.contract import BACKENDS  # noqa: E402
 
 #: PyTorch forms, then every ONNX runtime (each runs the static file exported for it)
 RUNTIMES = ('eager', 'deploy', 'compile') + BACKENDS
+#: opt-in columns on the OpenVINO-tuned float32 file's weights: that file with bfloat16
+#: inference, and its NNCF INT8 quantization (effbackbones.deploy.quantize; docs/int8.md)
+LOW_PRECISION = ('openvino-bf16', 'openvino-int8')
 
 
 def parse_args(argv=None):
@@ -75,8 +78,11 @@ def parse_args(argv=None):
     p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
     p.add_argument('--threads', type=int, default=None,
                    help='CPU threads of torch and of the runtimes')
-    p.add_argument('--runtimes', nargs='+', choices=RUNTIMES, default=list(RUNTIMES),
-                   help='columns to measure (eager is always measured: the baseline)')
+    p.add_argument('--runtimes', nargs='+', choices=RUNTIMES + LOW_PRECISION,
+                   default=list(RUNTIMES),
+                   help='columns to measure (eager is always measured: the baseline); '
+                        'openvino-bf16 / openvino-int8 (float32 runs only): the OpenVINO file '
+                        'in bfloat16 / quantized to INT8 by NNCF, next to openvino')
     p.add_argument('--no-alternatives', action='store_true',
                    help="skip the family's alternative implementations (benchmark_variants)")
     p.add_argument('--pause-ms', type=float, default=200,
@@ -148,7 +154,42 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
                 variants.append((rt, None, f'not run: {str(exc).splitlines()[0]}'))
             except Exception as exc:     # noqa: BLE001
                 variants.append((rt, None, f'failed: {_short(exc)}'))
+    low = [r for r in LOW_PRECISION if r in runtimes]
+    if low and x.device.type == 'cpu' and x.dtype == torch.float32:
+        variants += low_precision_variants(cls, arch, dep, x, low, threads,
+                                           tmpdir or tempfile.mkdtemp())
     return variants
+
+
+def low_precision_variants(cls, arch, dep, x, runtimes, threads, tmpdir):
+    """The OpenVINO-tuned float32 file of ``dep`` run with bfloat16 inference and quantized to
+    INT8 (NNCF, the family's recipe), calibrated on 8 random inputs drawn like the timed one
+    (their scales then fit it, so the rel diff column means something)."""
+    from effbackbones.deploy.export import BackboneMaps, export_module
+    from effbackbones.deploy.quantize import quantize_file, recipe_for
+    from effbackbones.deploy.runtime import RuntimeSession
+    path = osp.join(tmpdir, f'{cls.__name__}_{arch}_openvino.onnx')
+    out = []
+    try:
+        if not osp.isfile(path):
+            export_module(BackboneMaps(copy.deepcopy(dep)), x, path, runtime='openvino')
+        if 'openvino-int8' in runtimes:
+            g = torch.Generator().manual_seed(1)
+            calib = [torch.randn(x.shape, generator=g) for _ in range(8)]
+            int8 = quantize_file(path, osp.join(tmpdir, f'{cls.__name__}_{arch}_int8.xml'),
+                                 calib, recipe_for(dep))
+    except Exception as exc:     # noqa: BLE001 - reported in the table
+        return [(rt, None, f'failed: {_short(exc)}') for rt in runtimes]
+    for rt in runtimes:
+        try:
+            if rt == 'openvino-bf16':
+                out.append((rt, RuntimeSession(path, 'openvino', threads=threads,
+                                               precision='bfloat16'), None))
+            else:
+                out.append((rt, RuntimeSession(int8, 'openvino', threads=threads), None))
+        except ValueError as exc:
+            out.append((rt, None, f'not run: {str(exc).splitlines()[0]}'))
+    return out
 
 
 def _short(exc):
@@ -354,8 +395,9 @@ def main(argv=None):
     rates = machine_gemm_rates(args, dtype, tmpdir.name)
     peak = max(rates.values())
     versions = [f'torch {torch.__version__}']
-    for mod in BACKENDS:        # each runtime's Python package has its name
-        if mod in args.runtimes:
+    for mod in BACKENDS + ('nncf',):  # each runtime's Python package has its name
+        if any(r.split('-')[0] == mod for r in args.runtimes) or \
+                (mod == 'nncf' and 'openvino-int8' in args.runtimes):
             try:
                 versions.append(f'{mod} {__import__(mod).__version__}')
             except ImportError:

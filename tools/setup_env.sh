@@ -111,6 +111,7 @@ pipq "mmengine==0.10.7" "mmdet==3.3.0" "mmsegmentation==1.2.2" ftfy regex pycoco
 pipq "onnx==1.23.2" "onnxruntime==1.32.0" "openvino==2026.4.1" "numpy<2.3" \
   || die "installing onnx / onnxruntime / openvino failed (log above)"
 "$PY" -c "import onnx, onnxruntime, openvino" || die "onnx / onnxruntime / openvino do not import"
+pipq "nncf==3.4.0" "onnx==1.23.2" "onnxruntime==1.32.0" "openvino==2026.4.1" "numpy<2.3" || die "installing nncf 3.4.0 (tools/quantize.py) failed (log above)"
 
 log "4/4 effbackbones (editable)"
 pipq --no-build-isolation --no-deps -e "$ROOT" || die "installing effbackbones failed"

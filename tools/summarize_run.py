@@ -9,6 +9,7 @@ PyTorch checkpoint's); exits non-zero when they differ by more than ``--toleranc
 
     python tools/summarize_run.py WORK_DIR --metric coco/bbox_mAP --picture outputs/x.png
     python tools/summarize_run.py DEPLOY_DIR --metric mIoU --reference WORK_DIR
+    python tools/summarize_run.py INT8_DIR --metric mIoU --reference WORK_DIR --tolerance 1.0
 """
 import argparse
 import glob
@@ -47,7 +48,8 @@ def compare_to_reference(work_dir, reference, metric, tolerance):
     same = abs(got - ref) <= tolerance
     print(f'[summary] {work_dir}')
     print(f'[summary]   {metric}: {round(got, 4)} (PyTorch {round(ref, 4)}, {reference}) -> '
-          f'{"same" if same else "DIFFERENT"} (tolerance {tolerance})')
+          f'{"same" if got == ref else "within" if same else "DIFFERENT"} (tolerance '
+          f'{tolerance})')
     return 0 if same else 4
 
 

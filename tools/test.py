@@ -5,6 +5,7 @@
         [--deploy] [--cfg-options k=v ...] [--launcher pytorch]
     python tools/test.py CONFIG MODEL.onnx --backend onnxruntime|openvino [--torch-weights CKPT]
     python tools/test.py CONFIG MODEL.onnx --backend openvino --precision bfloat16
+    python tools/test.py CONFIG MODEL_INT8.xml --backend openvino    # tools/quantize.py's IR
 
 ``--deploy`` switches the backbone to deploy form (BatchNorms and layer scales folded) before
 testing: the same predictions. ``--show-dir`` saves pictures of the predictions.
@@ -115,8 +116,9 @@ def main(argv=None):
                                      torch_weights=args.torch_weights, precision=args.precision)
         except (ValueError, FileNotFoundError) as exc:
             raise SystemExit(str(exc)) from None
-        runner.logger.info(f'{args.checkpoint} ({session.part}) runs in {args.backend}, '
-                           f'{session.precision} inference')
+        stored = session.metadata.get('effbackbones.precision', 'float32')
+        runner.logger.info(f'{args.checkpoint} ({session.part}, {stored} file) runs in '
+                           f'{args.backend}, {session.precision} inference')
     runner.test()
 
 

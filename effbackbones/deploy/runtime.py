@@ -22,6 +22,8 @@ from .runtimes.openvino import check_native_bf16
 
 
 def read_metadata(path):
+    if path.endswith('.xml'):
+        return _read_ir_metadata(path)
     import onnx
     model = onnx.load(path, load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
@@ -30,11 +32,26 @@ def read_metadata(path):
     return meta
 
 
+def _read_ir_metadata(path):
+    """The metadata of an OpenVINO IR (an INT8 file of :mod:`.quantize`, kept in its
+    ``rt_info`` under ``effbackbones_metadata``), as :func:`read_metadata` gives an ONNX file's."""
+    import openvino as ov
+    model = ov.Core().read_model(path)
+    info = model.get_rt_info()
+    meta = {}
+    if 'effbackbones_metadata' in info:
+        meta = {k: v.astype(str) for k, v in dict(info['effbackbones_metadata']).items()}
+    meta['_input_dims'] = tuple(d.get_length() if d.is_static else None
+                                for d in model.inputs[0].get_partial_shape())
+    return meta
+
+
 class RuntimeSession:
     """One ONNX file in ``backend`` on the CPU; float32 numpy in and out.
 
     Args:
-        path: the .onnx file (exported in float32).
+        path: the .onnx file (exported in float32, or an INT8 QDQ file of :mod:`.quantize`),
+            or an OpenVINO IR ``.xml`` (the INT8 file of :mod:`.quantize`; OpenVINO only).
         backend: ``'onnxruntime'`` or ``'openvino'``.
         threads: intra-op threads (default: the runtime's own choice).
         precision: ``'float32'`` (default), or ``'bfloat16'``: OpenVINO only, on a CPU with
@@ -65,6 +82,10 @@ class RuntimeSession:
                 f"precision='float32'")
         if not os.path.isfile(path):
             raise FileNotFoundError(f'ONNX file not found: {path}')
+        if path.endswith('.xml') and backend != 'openvino':
+            raise ValueError(f'{path} is an OpenVINO IR: run it with backend openvino '
+                             f'(tools/quantize.py --backend onnxruntime writes a QDQ .onnx for '
+                             f'onnxruntime)')
         self.path, self.backend, self.precision = path, backend, precision
         self.metadata = read_metadata(path)
         self.input_dims = self.metadata.pop('_input_dims')

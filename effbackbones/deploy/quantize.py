@@ -1,0 +1,347 @@
+"""Post-training INT8 quantization (NNCF) of the files :mod:`.export` writes.
+
+The float32 graph is exported first with :func:`~effbackbones.deploy.export.export` (deploy form,
+static unless asked otherwise, parity-checked), then quantized by NNCF on calibration images:
+
+* ``backend='openvino'``: the ONNX file read into OpenVINO, ``nncf.quantize`` on the
+  ``ov.Model`` -> an OpenVINO IR (``.xml`` + ``.bin``) with FakeQuantize ops, which OpenVINO runs
+  with int8 kernels (VNNI / AMX where the CPU has them);
+* ``backend='onnxruntime'``: ``nncf.quantize`` on the ONNX model -> a QDQ ``.onnx``
+  (QuantizeLinear / DequantizeLinear pairs), which onnxruntime fuses into int8 kernels.
+
+Each family gets the settings of :data:`RECIPES` (why each, with the measured errors:
+docs/int8.md). The quantized file is compared with the float32 file in the same runtime on
+held-out images (per output: ``max|int8 - fp32| / max|fp32|`` and ``mean|int8 - fp32| /
+mean|fp32|``); a file whose worst mean-relative error is above the family's bound is not written
+(:class:`BoundError`) unless ``force``.
+"""
+import dataclasses
+import os
+import os.path as osp
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+
+from .export import ExportError, export
+
+#: the runtimes a quantized file is written for, and the file each writes
+QUANT_BACKENDS = {'openvino': '.xml', 'onnxruntime': '.onnx'}
+#: metadata key of the precision of a file (``int8``; float32 files have no such key)
+PRECISION_KEY = 'effbackbones.precision'
+
+
+class QuantizeError(ExportError):
+    """A quantization request that cannot be satisfied (the message says what to do)."""
+
+
+class BoundError(RuntimeError):
+    """The INT8 file is further from float32 than the bound: it was not written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """NNCF settings of one family.
+
+    ``transformer``: ``nncf.ModelType.TRANSFORMER`` (NNCF then quantizes only the inputs of
+    convolutions and MatMuls, activation x activation MatMuls symmetric, and leaves the
+    element-wise and normalisation ops -- residual / attention-bias adds, products, LayerNorm /
+    GroupNorm -- in float); ``smooth_quant``: SmoothQuant alpha for MatMuls (-1: off), which
+    moves activation outliers into the weights; ``ignored_types``: op types left in float
+    (OpenVINO type names; for the ONNX backend the ONNX ones in ``ignored_onnx_types``);
+    ``bound``: the largest accepted mean-relative error (``mean|int8 - fp32| / mean|fp32|``) of
+    any output against float32 (the max-relative error is reported, not bounded: one pixel of
+    the ~1e5 of a map decides it, and it varies 2x between calibrations of the same model)."""
+    transformer: bool = True
+    smooth_quant: float = -1.0
+    ignored_types: tuple = ()
+    ignored_onnx_types: tuple = ()
+    bound: float = 0.1
+    why: str = ''
+
+
+#: per family (backbone class name); chosen from the sweep in docs/int8.md (transformer type
+#: against the default CNN type and SmoothQuant 0.95, per-map errors on held-out images)
+RECIPES = {
+    'SwiftFormer': Recipe(why='transformer type: its normalisation / layer-scale products stay '
+                              'float (CNN type: deeper maps 1.1-1.2x worse); SmoothQuant: no '
+                              'change'),
+    'EfficientFormer': Recipe(why='transformer type: GroupNorm / LayerNorm inputs stay float (CNN '
+                                  'type: stride-4 map 10x worse); SmoothQuant: no change'),
+    'EfficientFormerV2': Recipe(why='transformer type (CNN type: every map 1.1-1.2x worse); '
+                                    'SmoothQuant: no change'),
+    # the last stage's maps (2x2-7x7 tokens at 64-224 px) reach 0.07-0.1 on random weights
+    'LeViT': Recipe(bound=0.15, why='transformer type (CNN type the same within noise); '
+                                    'SmoothQuant off: last stage 1.7x worse with it'),
+    'MobileFormer': Recipe(why='transformer type: dynamic-ReLU products and bridge adds stay '
+                               'float (CNN type: deeper maps 1.6-2.5x worse); SmoothQuant: no '
+                               'gain'),
+}
+
+
+def recipe_for(backbone):
+    """The :class:`Recipe` of ``backbone``'s family (a default transformer recipe for a class
+    not in :data:`RECIPES`)."""
+    return RECIPES.get(type(backbone).__name__, Recipe(why='default'))
+
+
+def nncf_arguments(recipe, backend):
+    """Keyword arguments of ``nncf.quantize`` for ``recipe`` in ``backend``."""
+    import nncf
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                       AdvancedSmoothQuantParameters)
+    kwargs = {}
+    if recipe.transformer:
+        kwargs['model_type'] = nncf.ModelType.TRANSFORMER
+    types = recipe.ignored_types if backend == 'openvino' else recipe.ignored_onnx_types
+    if types:
+        kwargs['ignored_scope'] = nncf.IgnoredScope(types=list(types), validate=False)
+    kwargs['advanced_parameters'] = AdvancedQuantizationParameters(
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=recipe.smooth_quant))
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# calibration images
+# --------------------------------------------------------------------------------------------
+#: ImageNet normalisation of the backbones' pre-training (the configs' data_preprocessor)
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+
+
+def _normalised(rgb, shape):
+    import cv2
+    h, w = shape
+    img = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    img = (img - np.float32(MEAN)) / np.float32(STD)
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
+
+
+def images_from_dir(folder, count, shape, skip=0):
+    """``count`` images of ``folder`` (sorted by name, after the first ``skip``), resized to
+    ``shape`` and normalised as the backbones' pre-training: ``(1, 3, H, W)`` tensors."""
+    import cv2
+    if not osp.isdir(folder):
+        raise QuantizeError(f'--calib-dir {folder}: not a folder')
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if len(names) < skip + count:
+        raise QuantizeError(f'--calib-dir {folder} holds {len(names)} images '
+                            f'({"/".join(IMAGE_EXTENSIONS)}); {skip + count} are needed '
+                            f'({skip} calibration + {count} held out): add images or lower '
+                            f'--calib / --check')
+    out = []
+    for n in names[skip:skip + count]:
+        bgr = cv2.imread(osp.join(folder, n), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise QuantizeError(f'cannot read image {osp.join(folder, n)}')
+        out.append(_normalised(bgr[..., ::-1], shape))
+    return out
+
+
+def synthetic_images(count, shape, seed=0):
+    """``count`` synthetic shapes scenes (:mod:`effbackbones.datasets.synthetic`), normalised as
+    :func:`images_from_dir`: calibration for a bare backbone when no images are at hand (the
+    scales they give fit these scenes, not a real dataset)."""
+    from ..datasets.synthetic import _scene
+    rs = np.random.RandomState(seed)
+    h, w = shape
+    return [_normalised(_scene(rs, h, w, 4)[0][..., ::-1], shape) for _ in range(count)]
+
+
+def config_inputs(model, cfg, split, count):
+    """The first ``count`` images of the config's ``split`` dataloader's dataset
+    (``'train'`` / ``'test'``) through the config's *test* pipeline and the model's
+    ``data_preprocessor``: the tensors the exported part gets in ``tools/test.py``."""
+    import copy
+
+    from mmengine.registry import DefaultScope
+    from mmengine.runner import Runner
+
+    from ..utils.launch import detect_toolbox
+    loader = copy.deepcopy(cfg.get(f'{split}_dataloader'))
+    if loader is None:
+        raise QuantizeError(f'the config has no {split}_dataloader to take images from')
+    # calibration sees the images as a test run does: the test pipeline, one image per batch
+    loader.dataset.pipeline = copy.deepcopy(cfg.test_dataloader.dataset.pipeline)
+    loader.update(batch_size=1, num_workers=0, persistent_workers=False,
+                  sampler=dict(type='DefaultSampler', shuffle=False))
+    loader.pop('batch_sampler', None)
+    with DefaultScope.overwrite_default_scope(detect_toolbox(cfg)):
+        data = Runner.build_dataloader(loader)
+        if len(data.dataset) < count:
+            raise QuantizeError(f'the config\'s {split} set has {len(data.dataset)} images, '
+                                f'{count} asked for: lower --calib / --check')
+        out = []
+        with torch.no_grad():
+            for batch in data:
+                if len(out) == count:
+                    break
+                out.append(model.data_preprocessor(batch, False)['inputs'].float())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# quantization, error, writing
+# --------------------------------------------------------------------------------------------
+def _runtime_session(path, backend):
+    from .runtime import RuntimeSession
+    return RuntimeSession(path, backend)
+
+
+def error_report(float_path, int8_path, backend, inputs):
+    """Per output of the two files, run in ``backend`` on ``inputs``: ``(name, max_rel,
+    mean_rel)`` with ``max_rel = max|int8 - fp32| / max|fp32|`` and ``mean_rel =
+    mean|int8 - fp32| / mean|fp32|`` over all inputs."""
+    ref_session = _runtime_session(float_path, backend)
+    q_session = _runtime_session(int8_path, backend)
+    stats = None
+    for x in inputs:
+        ref, got = ref_session(x), q_session(x)
+        if stats is None:
+            stats = [[0.0, 0.0, 0.0, 0.0] for _ in ref]   # max|d|, max|r|, sum|d|, sum|r|
+        for s, r, g in zip(stats, ref, got):
+            d = (g.float() - r.float()).abs()
+            s[0] = max(s[0], d.max().item())
+            s[1] = max(s[1], r.abs().max().item())
+            s[2] += d.sum().item()
+            s[3] += r.abs().sum().item()
+    return [(name, s[0] / max(s[1], 1e-30), s[2] / max(s[3], 1e-30))
+            for name, s in zip(ref_session.output_names, stats)]
+
+
+#: OpenVINO's CPU layer types that carry the multiply-adds (what int8 kernels speed up)
+COMPUTE_LAYERS = ('Convolution', 'GroupConvolution', 'MatMul', 'FullyConnected')
+
+
+def int8_compute_layers(path, threads=None):
+    """``(in int8, all)``: how many of the compute layers (:data:`COMPUTE_LAYERS`) OpenVINO's
+    CPU plugin runs with int8 / uint8 inputs after compiling ``path`` -- whether the file
+    really runs int8 kernels on this CPU, not only holds int8 weights."""
+    import openvino as ov
+    config = {'INFERENCE_PRECISION_HINT': 'f32'}
+    if threads:
+        config['INFERENCE_NUM_THREADS'] = int(threads)
+    runtime = ov.Core().compile_model(path, 'CPU', config).get_runtime_model()
+    precisions = [op.get_rt_info()['runtimePrecision'].astype(str) for op in runtime.get_ops()
+                  if op.get_rt_info()['layerType'].astype(str) in COMPUTE_LAYERS]
+    return sum(p in ('i8', 'u8') for p in precisions), len(precisions)
+
+
+def format_report(report, bound):
+    lines = [f'  {name}: max|int8-fp32|/max|fp32| {mx:.4f}, mean|int8-fp32|/mean|fp32| '
+             f'{mean:.4f}{"" if mean <= bound else "  ABOVE BOUND"}' for name, mx, mean in report]
+    return '\n'.join(lines)
+
+
+def _quantize_openvino(float_path, calib, kwargs):
+    import nncf
+    import openvino as ov
+    model = ov.Core().read_model(float_path)
+    arrays = [x.numpy() for x in calib]
+    return nncf.quantize(model, nncf.Dataset(arrays), subset_size=len(arrays), **kwargs)
+
+
+def _quantize_onnx(float_path, calib, kwargs):
+    import nncf
+    import onnx
+    model = onnx.load(float_path)
+    name = model.graph.input[0].name
+    arrays = [x.numpy() for x in calib]
+    return nncf.quantize(model, nncf.Dataset(arrays, lambda a: {name: a}),
+                         subset_size=len(arrays), **kwargs)
+
+
+def _save(quantized, path, backend, metadata):
+    """Write the quantized model with ``metadata`` (ONNX ``metadata_props``; OpenVINO
+    ``rt_info``, which :func:`~effbackbones.deploy.runtime.read_metadata` reads back)."""
+    if backend == 'openvino':
+        import openvino as ov
+        for k, v in metadata.items():
+            quantized.set_rt_info(str(v), ['effbackbones_metadata', k])
+        # the weights stay as NNCF wrote them (int8 + float scales): no fp16 compression
+        ov.save_model(quantized, path, compress_to_fp16=False)
+    else:
+        import onnx
+        del quantized.metadata_props[:]
+        for k, v in metadata.items():
+            entry = quantized.metadata_props.add()
+            entry.key, entry.value = str(k), str(v)
+        onnx.save(quantized, path)
+
+
+def quantize_file(float_path, out, calib, recipe, backend='openvino'):
+    """Quantize the float32 ONNX file ``float_path`` with NNCF (``recipe``'s settings) on
+    ``calib`` and write ``out`` for ``backend`` (an IR ``.xml`` or a QDQ ``.onnx``), with the
+    float file's metadata and ``effbackbones.precision = int8``. No error check: see
+    :func:`quantize`."""
+    from .runtime import read_metadata
+    kwargs = nncf_arguments(recipe, backend)
+    quantize_fn = _quantize_openvino if backend == 'openvino' else _quantize_onnx
+    quantized = quantize_fn(float_path, calib, kwargs)
+    meta = {k: v for k, v in read_metadata(float_path).items() if not k.startswith('_')}
+    meta[PRECISION_KEY] = 'int8'
+    _save(quantized, out, backend, meta)
+    return out
+
+
+def _move_into_place(tmp_path, out, backend):
+    os.makedirs(osp.dirname(osp.abspath(out)) or '.', exist_ok=True)
+    os.replace(tmp_path, out)
+    if backend == 'openvino':
+        os.replace(osp.splitext(tmp_path)[0] + '.bin', osp.splitext(out)[0] + '.bin')
+
+
+def quantize(model, shape, out, calib, check, backend='openvino', dynamic=False, bound=None,
+             force=False, metadata=None, keep_float=None, log=print):
+    """Export ``model`` (a backbone or an mm model, as :func:`export` takes) in float32 at
+    ``shape``, quantize it to INT8 with NNCF on ``calib`` (``(1, 3, H, W)`` tensors) and write
+    ``out`` (``.xml`` for OpenVINO, ``.onnx`` QDQ for onnxruntime) if its error against the
+    float32 file on ``check`` is within ``bound`` (default: the family's) or ``force``.
+
+    ``keep_float``: also keep the float32 ONNX file there (the same weights, e.g. for
+    tools/benchmark.py or a float32 evaluation). Returns the error report
+    (:func:`error_report`); raises :class:`BoundError` (nothing written) above the bound.
+    """
+    from .export import effb_backbone
+    if backend not in QUANT_BACKENDS:
+        raise QuantizeError(f'backend must be one of {tuple(QUANT_BACKENDS)}, got {backend!r}')
+    ext = QUANT_BACKENDS[backend]
+    if not out.endswith(ext):
+        raise QuantizeError(f'--backend {backend} writes a {ext} file: --out {out} should end '
+                            f'with {ext}')
+    if not calib or not check:
+        raise QuantizeError('quantization needs calibration images and held-out images to '
+                            'check the INT8 file (--calib N >= 1, --check N >= 1)')
+    recipe = recipe_for(effb_backbone(model))
+    bound = recipe.bound if bound is None else float(bound)
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = osp.join(tmp, 'float32.onnx')
+        # the graph tuned for the runtime that will run the INT8 file; parity-checked
+        export(model, shape, float_path, dynamic=dynamic, metadata=metadata, runtime=backend,
+               log=log)
+        log(f'quantizing with NNCF on {len(calib)} calibration image(s) '
+            f'({type(effb_backbone(model)).__name__}: {recipe.why}; '
+            f'SmoothQuant {"off" if recipe.smooth_quant < 0 else recipe.smooth_quant})')
+        int8_path = osp.join(tmp, 'int8' + ext)
+        quantize_file(float_path, int8_path, calib, recipe, backend)
+        report = error_report(float_path, int8_path, backend, check)
+        worst = max(mean for _, _, mean in report)
+        log(f'INT8 vs float32 in {backend} on {len(check)} held-out image(s):\n'
+            + format_report(report, bound))
+        if keep_float:
+            shutil.copyfile(float_path, keep_float)
+        if worst > bound and not force:
+            raise BoundError(f'the INT8 file is {worst:.4f} (mean|int8-fp32|/mean|fp32|) from '
+                             f'float32, above the bound {bound:g}: {out} not written. '
+                             f'Calibrate on more / more typical images (--calib, --calib-dir), '
+                             f'raise the bound (--bound), or write it anyway with --force')
+        _move_into_place(int8_path, out, backend)
+    log(f'wrote {out} (int8, {backend}{"" if worst <= bound else ", FORCED above the bound"})')
+    return report
+
+
+__all__ = ['QUANT_BACKENDS', 'PRECISION_KEY', 'RECIPES', 'Recipe', 'QuantizeError',
+           'BoundError', 'recipe_for', 'nncf_arguments', 'images_from_dir', 'synthetic_images',
+           'config_inputs', 'error_report', 'int8_compute_layers', 'quantize_file', 'quantize']

@@ -1,0 +1,136 @@
+"""Post-training INT8 (effbackbones.deploy.quantize, tools/quantize.py; docs/int8.md).
+
+* one small variant of each family quantized by NNCF on a few synthetic scenes: the OpenVINO IR
+  runs its convolutions / matrix multiplies in int8 and its maps are within the family's bound
+  of PyTorch float32 on other scenes; the ONNX QDQ file the same in onnxruntime;
+* the bound refuses a file (nothing written, the message says how to override), --force writes
+  it; requests that cannot be met exit 2 with what to do;
+* the INT8 Semantic FPN file evaluated by tools/test.py --backend openvino gives a metric line.
+"""
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, load_script
+from test_export import SEG, _metrics, semfpn  # noqa: F401  (the Semantic FPN fixture)
+
+PY = sys.executable
+SHAPE = (64, 64)
+# the smallest variant of each family
+FAMILIES = [('SwiftFormer', 'xs', {}), ('EfficientFormer', 'l1', {}),
+            ('EfficientFormerV2', 's0', {}), ('LeViT', '128s', dict(out_indices=(0, 1, 2, 3))),
+            ('MobileFormer', '26m', {})]
+
+
+def _quantize_tool():
+    return load_script(osp.join(REPO, 'tools/quantize.py'), 'tools_quantize')
+
+
+# OpenVINO for every family; the QDQ file for onnxruntime for a conv-attention hybrid and an
+# all-attention family (the suite's time: each quantization exports and calibrates anew)
+CASES = [f + ('openvino',) for f in FAMILIES] + \
+    [f + ('onnxruntime',) for f in FAMILIES if f[0] in ('SwiftFormer', 'LeViT')]
+
+
+@pytest.mark.parametrize('cls_name,arch,kw,backend', CASES,
+                         ids=[f'{c[0]}-{c[3]}' for c in CASES])
+def test_int8_file_near_float32(cls_name, arch, kw, backend, tmp_path):
+    """The INT8 file of each family, in the runtime it is written for: on the held-out scenes
+    the tool checked it on, every map within the family's bound of PyTorch float32 (mean
+    relative error; recomputed here), and measurably not the float file; in OpenVINO most
+    compute layers really run in int8."""
+    from effbackbones.deploy import RuntimeSession, build_backbone
+    from effbackbones.deploy.quantize import (int8_compute_layers, quantize, recipe_for,
+                                              synthetic_images)
+    torch.manual_seed(0)
+    model = build_backbone(cls_name, arch, **kw)
+    out = str(tmp_path / ('int8.xml' if backend == 'openvino' else 'int8.onnx'))
+    calib, check = synthetic_images(8, SHAPE, seed=0), synthetic_images(2, SHAPE, seed=1)
+    report = quantize(model, SHAPE, out, calib, check, backend=backend, log=lambda *_: None)
+    bound = recipe_for(model).bound
+    session = RuntimeSession(out, backend, threads=1)
+    assert session.metadata['effbackbones.precision'] == 'int8'
+    assert [name for name, _, _ in report] == session.output_names
+    # the tool's measure: mean|int8 - fp32| / mean|fp32| over all held-out images, per map
+    diff, ref = 0, 0
+    for x in check:
+        with torch.no_grad():
+            refs = model(x)
+        diff = diff + torch.stack([(o - r).abs().sum() for o, r in zip(session(x), refs)])
+        ref = ref + torch.stack([r.abs().sum() for r in refs])
+    errors = (diff / ref).tolist()
+    assert errors == pytest.approx([mean for _, _, mean in report], rel=1e-3, abs=1e-6)
+    assert 1e-4 < max(errors) <= bound, errors
+    if backend == 'openvino':
+        in_int8, total = int8_compute_layers(out, threads=1)
+        assert in_int8 >= 0.5 * total, (in_int8, total)
+
+
+def test_bound_refuses_and_force_writes(tmp_path, capsys):
+    tool = _quantize_tool()
+    out = tmp_path / 'sf.xml'
+    args = ['--model', 'SwiftFormer', '--arch', 'xs', '--shape', '64', '64', '--synthetic-calib',
+            '--calib', '2', '--check', '1', '--out', str(out)]
+    assert tool.main(args + ['--bound', '1e-6']) == 3
+    err = capsys.readouterr().err
+    assert 'above the bound 1e-06' in err and '--force' in err and 'not written' in err
+    assert not out.exists() and not (tmp_path / 'sf.bin').exists()
+    assert tool.main(args + ['--bound', '1e-6', '--force']) == 0
+    log = capsys.readouterr().out
+    assert 'SYNTHETIC' in log and 'ABOVE BOUND' in log and 'FORCED above the bound' in log
+    assert out.exists() and (tmp_path / 'sf.bin').exists()
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--model', 'SwiftFormer', '--arch', 'xs', '--shape', '64', '64'],
+     r'--calib-dir DIR .* or --synthetic-calib'),
+    (['--model', 'SwiftFormer', '--arch', 'xs', '--shape', '64', '64', '--calib-dir', 'no/dir'],
+     r'--calib-dir no/dir: not a folder'),
+    (['--model', 'SwiftFormer', '--arch', 'xs', '--shape', '64', '64', '--synthetic-calib',
+      '--backend', 'onnxruntime'], r'writes a \.onnx file'),
+    ([SEG], r'CONFIG needs CHECKPOINT'),
+    ([], r'give CONFIG CHECKPOINT, or --model'),
+])
+def test_quantize_tool_clear_errors(args, message, tmp_path, capsys):
+    assert _quantize_tool().main(args + ['--out', str(tmp_path / 'x.xml')]) == 2
+    assert re.search(message, capsys.readouterr().err), message
+    assert not (tmp_path / 'x.xml').exists()
+
+
+def test_calib_dir_needs_enough_images(tmp_path, capsys):
+    import cv2
+    import numpy as np
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f'{i}.png'), np.full((40, 50, 3), 40 * i, np.uint8))
+    args = ['--model', 'SwiftFormer', '--arch', 'xs', '--shape', '64', '64', '--calib-dir',
+            str(tmp_path), '--calib', '3', '--out', str(tmp_path / 'x.xml')]
+    assert _quantize_tool().main(args) == 2
+    assert 'holds 3 images' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tools_test_evaluates_the_int8_semfpn(semfpn, tmp_path, capsys):  # noqa: F811
+    """tools/quantize.py CONFIG CHECKPOINT (calibration on the config's train image through its
+    test pipeline, the error on its test images), then tools/test.py with the IR in OpenVINO:
+    a metric line, and the log says the file is int8."""
+    out = str(tmp_path / 'semfpn_int8.xml')
+    data = f'{semfpn["root"]}'
+    opts = ['--cfg-options', f'train_dataloader.dataset.data_root={data}',
+            f'test_dataloader.dataset.data_root={data}']
+    assert _quantize_tool().main([SEG, semfpn['ckpt'], '--out', out, '--calib', '1',
+                                  '--check', '2'] + opts) == 0
+    log = capsys.readouterr().out
+    assert 'seg_logits: max|int8-fp32|/max|fp32|' in log
+    env = dict(__import__('os').environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    proc = subprocess.run([PY, 'tools/test.py', SEG, out, '--backend', 'openvino',
+                           '--work-dir', str(tmp_path / 'wd'), '--cfg-options',
+                           f'test_dataloader.dataset.data_root={data}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    log = proc.stdout + proc.stderr
+    assert 'int8 file) runs in openvino' in log
+    assert float(_metrics(log)[1]) >= 0
