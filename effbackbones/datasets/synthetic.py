@@ -43,7 +43,10 @@ def _colour(rs, kind):
     return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
 
 
-def _scene(rs, h, w, max_objects):
+def draw_scene(rs, h, w, max_objects):
+    """One shapes scene drawn from the ``numpy.random.RandomState`` ``rs``: ``(image, semantic
+    map, objects)`` of ``h`` x ``w`` with up to ``max_objects`` shapes (also the synthetic
+    calibration images of :mod:`effbackbones.deploy.quantize`)."""
     import cv2
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base = rs.randint(40, 120, size=3).astype(np.float32)
@@ -105,7 +108,7 @@ def make_shapes_dataset(root, num_train=64, num_val=16, size=(256, 256), max_obj
             os.makedirs(d, exist_ok=True)
         images, annotations = [], []
         for i in range(n):
-            img, semantic, objects = _scene(rs, h, w, max_objects)
+            img, semantic, objects = draw_scene(rs, h, w, max_objects)
             name = f'{split}_{i:05d}'
             cv2.imwrite(osp.join(img_dir, name + '.png'), img)
             cv2.imwrite(osp.join(seg_img_dir, name + '.jpg'), img,

@@ -144,10 +144,10 @@ def synthetic_images(count, shape, seed=0):
     """``count`` synthetic shapes scenes (:mod:`effbackbones.datasets.synthetic`), normalised as
     :func:`images_from_dir`: calibration for a bare backbone when no images are at hand (the
     scales they give fit these scenes, not a real dataset)."""
-    from ..datasets.synthetic import _scene
+    from ..datasets.synthetic import draw_scene
     rs = np.random.RandomState(seed)
     h, w = shape
-    return [_normalised(_scene(rs, h, w, 4)[0][..., ::-1], shape) for _ in range(count)]
+    return [_normalised(draw_scene(rs, h, w, 4)[0][..., ::-1], shape) for _ in range(count)]
 
 
 def config_inputs(model, cfg, split, count):
