@@ -2,6 +2,7 @@
 import os
 import os.path as osp
 import subprocess
+import sys
 
 import pytest
 
@@ -10,8 +11,9 @@ from conftest import REPO, reference_dir
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_passes_and_prints_the_summary():
+    # the interpreter running the suite (whichever environment tools/setup_env.sh set up)
     env = dict(os.environ, EFFB_GPU_CHECK_DRY_RUN='1', EFFB_REFERENCE_DIR=reference_dir(),
-               OMP_NUM_THREADS='1')
+               OMP_NUM_THREADS='1', EFFB_PYTHON=sys.executable)
     out = subprocess.run(['bash', osp.join(REPO, 'tools', 'gpu_check.sh'), '--iters', '2'],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

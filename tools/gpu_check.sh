@@ -9,13 +9,15 @@
 # Prints the environment (tools/collect_env.py), then tools/gpu_check.py: mmcv CUDA ops, every
 # family's pack parity on the GPU in float32 and under bf16 / fp16 autocast, 20 AMP training
 # iterations of each demo config (finite losses, images/s, peak memory), and a summary table.
-# Python: EFFB_PYTHON, else the repository's .venv, else python3 (a GPU machine's own torch).
+# Python: EFFB_PYTHON, else EFFB_VENV's, else the repository's .venv (as tools/setup_env.sh
+# chose them), else python3 (a GPU machine's own torch).
 # Exit status: 0 all ok, 1 a check failed, 124 past EFFB_GPU_CHECK_TIMEOUT seconds (default 570).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 if [ -n "${EFFB_PYTHON:-}" ]; then PY="$EFFB_PYTHON"
+elif [ -n "${EFFB_VENV:-}" ] && [ -x "$EFFB_VENV/bin/python" ]; then PY="$EFFB_VENV/bin/python"
 elif [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"
 else PY="$(command -v python3)"; fi
 
