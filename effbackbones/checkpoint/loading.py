@@ -247,8 +247,9 @@ def _convert_parts(state_dict, backbones):
 
 
 def _model_report(model, name, wrapper, n_file, layouts, comparison, own, backbones):
-    n_bb = sum(1 for k in own if any(k.startswith(p) for p, _ in backbones))
-    m_bb = sum(1 for k in comparison.matched if any(k.startswith(p) for p, _ in backbones))
+    prefixes = tuple(p for p, _ in backbones)
+    n_bb = sum(1 for k in own if k.startswith(prefixes))
+    m_bb = sum(1 for k in comparison.matched if k.startswith(prefixes))
     return report_text(
         f'[{type(model).__name__}] loading {name}: wrapper={wrapper!r}, {n_file} tensors in '
         f'the file' + (f'; backbone {", ".join(layouts)}' if layouts else ''),
@@ -332,10 +333,10 @@ def _without_partial_backbones(converted, comparison, own, backbones):
     """``converted`` without ignored and shape-mismatched tensors, and every backbone part
     completed (its missing tensors at the model's current values, its unknown ones dropped)."""
     drop = set(comparison.ignored) | {k for k, _, _ in comparison.mismatched}
-    in_backbone = [lambda k, p=p: k.startswith(p) for p, _ in backbones]
-    drop |= {k for k in comparison.unexpected if any(f(k) for f in in_backbone)}
+    prefixes = tuple(p for p, _ in backbones)
+    drop |= {k for k in comparison.unexpected if k.startswith(prefixes)}
     out = OrderedDict((k, v) for k, v in converted.items() if k not in drop)
     for k in comparison.missing + [k for k, _, _ in comparison.mismatched]:
-        if any(f(k) for f in in_backbone):
+        if k.startswith(prefixes):
             out[k] = own[k]
     return out
