@@ -294,3 +294,33 @@ def test_summarize_run_compares_a_deploy_metric_to_its_reference(tmp_path):
     missing = run([PY, script, dep, '--metric', 'coco/bbox_mAP', '--reference', ref],
                   check=False)
     assert missing.returncode == 1 and f'no coco/bbox_mAP in {dep}' in missing.stderr
+
+
+def test_benchmark_int8_rows(tmp_path):
+    """The opt-in low-precision columns: the OpenVINO file's NNCF INT8 quantization, its float
+    layers in float32 (openvino-int8) and in bfloat16 (openvino-int8-bf16, where the CPU has
+    native bf16; else its row says why not), both near the float32 model and not equal to it."""
+    import openvino as ov
+    out = tmp_path / 'bench.md'
+    proc = run([PY, 'tools/benchmark.py', '--model', 'EfficientFormerV2', '--arch', 's0',
+                '--shape', '64', '64', '--threads', '1', '--repeats', '2', '--burst', '2',
+                '--warmup', '1', '--pause-ms', '0', '--no-alternatives',
+                '--runtimes', 'eager', 'openvino', 'openvino-int8', 'openvino-int8-bf16',
+                '--out', str(out)], timeout=300)
+    table = out.read_text()
+    assert 'nncf ' in table.splitlines()[0], table.splitlines()[0]
+    rows = {r[2]: [c.strip(' |') for c in r] for r in (
+        line.split(' | ') for line in table.splitlines()
+        if line.startswith('| EfficientFormerV2 |'))}
+    assert sorted(rows) == ['eager', 'openvino', 'openvino-int8', 'openvino-int8-bf16'], \
+        proc.stdout
+    ran = ['openvino-int8']
+    if 'BF16' in ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES'):
+        ran.append('openvino-int8-bf16')
+    else:
+        assert rows['openvino-int8-bf16'][3].startswith('not run: '), rows
+    for name in ran:
+        row = rows[name]
+        assert float(row[3]) > 0 and row[5].endswith('x'), row
+        # quantized: further from eager than float32's ~1e-6, within a few % of its maps
+        assert 1e-3 < float(row[7]) < 0.3, (name, row)

@@ -55,8 +55,11 @@ from effbackbones.deploy.contract import BACKENDS  # noqa: E402
 #: PyTorch forms, then every ONNX runtime (each runs the static file exported for it)
 RUNTIMES = ('eager', 'deploy', 'compile') + BACKENDS
 #: opt-in columns on the OpenVINO-tuned float32 file's weights: that file with bfloat16
-#: inference, and its NNCF INT8 quantization (effbackbones.deploy.quantize; docs/int8.md)
-LOW_PRECISION = ('openvino-bf16', 'openvino-int8')
+#: inference, its NNCF INT8 quantization (effbackbones.deploy.quantize; docs/int8.md) with the
+#: layers left in float run in float32 (what a CPU without native bf16 does) or in bfloat16
+#: (OpenVINO's default on CPUs with AMX / AVX512-BF16)
+LOW_PRECISION = ('openvino-bf16', 'openvino-int8', 'openvino-int8-bf16')
+INT8_COLUMNS = {'openvino-int8': 'float32', 'openvino-int8-bf16': 'bfloat16'}
 
 
 def parse_args(argv=None):
@@ -82,7 +85,8 @@ def parse_args(argv=None):
                    default=list(RUNTIMES),
                    help='columns to measure (eager is always measured: the baseline); '
                         'openvino-bf16 / openvino-int8 (float32 runs only): the OpenVINO file '
-                        'in bfloat16 / quantized to INT8 by NNCF, next to openvino')
+                        'in bfloat16 / quantized to INT8 by NNCF, next to openvino; '
+                        'openvino-int8-bf16: the INT8 file, its float layers in bfloat16')
     p.add_argument('--no-alternatives', action='store_true',
                    help="skip the family's alternative implementations (benchmark_variants)")
     p.add_argument('--pause-ms', type=float, default=200,
@@ -173,7 +177,7 @@ def low_precision_variants(cls, arch, dep, x, runtimes, threads, tmpdir):
     try:
         if not osp.isfile(path):
             export_module(BackboneMaps(copy.deepcopy(dep)), x, path, runtime='openvino')
-        if 'openvino-int8' in runtimes:
+        if set(INT8_COLUMNS) & set(runtimes):
             g = torch.Generator().manual_seed(1)
             calib = [torch.randn(x.shape, generator=g) for _ in range(8)]
             int8 = quantize_file(path, osp.join(tmpdir, f'{cls.__name__}_{arch}_int8.xml'),
@@ -186,7 +190,8 @@ def low_precision_variants(cls, arch, dep, x, runtimes, threads, tmpdir):
                 out.append((rt, RuntimeSession(path, 'openvino', threads=threads,
                                                precision='bfloat16'), None))
             else:
-                out.append((rt, RuntimeSession(int8, 'openvino', threads=threads), None))
+                out.append((rt, RuntimeSession(int8, 'openvino', threads=threads,
+                                               precision=INT8_COLUMNS[rt]), None))
         except ValueError as exc:
             out.append((rt, None, f'not run: {str(exc).splitlines()[0]}'))
     return out
@@ -397,7 +402,7 @@ def main(argv=None):
     versions = [f'torch {torch.__version__}']
     for mod in BACKENDS + ('nncf',):  # each runtime's Python package has its name
         if any(r.split('-')[0] == mod for r in args.runtimes) or \
-                (mod == 'nncf' and 'openvino-int8' in args.runtimes):
+                (mod == 'nncf' and set(INT8_COLUMNS) & set(args.runtimes)):
             try:
                 versions.append(f'{mod} {__import__(mod).__version__}')
             except ImportError:

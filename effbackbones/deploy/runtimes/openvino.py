@@ -236,6 +236,16 @@ def check_native_bf16(core):
                          f"AMX); OpenVINO reports {caps} for {name}: run precision='float32'")
 
 
+def declared_output_names(path):
+    """The output names an ONNX file declares (``None`` for an IR). OpenVINO gives a graph
+    output every name its tensor has, and ``get_any_name`` the smallest: the name of the node
+    that computed it (``/model/out_norms.0/Mul_2_output_0``) where the file says ``out_0``."""
+    if not str(path).endswith('.onnx'):
+        return None
+    import onnx
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+
+
 class Session:
     """One ONNX file compiled by OpenVINO for the CPU, latency hint, the inference precision
     pinned (float32 would otherwise be bfloat16 on CPUs with native bf16)."""
@@ -257,7 +267,8 @@ class Session:
             raise ValueError(f'OpenVINO compiled {path} with inference precision {used}, '
                              f'not the requested {hint} ({precision})')
         self._request = self._compiled.create_infer_request()
-        self.output_names = [o.get_any_name() for o in self._compiled.outputs]
+        self.output_names = declared_output_names(path) or \
+            [o.get_any_name() for o in self._compiled.outputs]
 
     def run(self, array):
         result = self._request.infer({0: array})
