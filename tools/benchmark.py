@@ -96,7 +96,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _randomise_bn(model):
+def randomise_bn(model):
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -113,7 +113,7 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
     """``[(name, callable or None, error or None)]``: eager first (the baseline)."""
     torch.manual_seed(0)
     base = cls(arch=arch)
-    _randomise_bn(base)
+    randomise_bn(base)
     base.eval()
     variants = [('eager', base, None)]
     # deploy as it is meant to run: folded, and the attention biases of this size pinned

@@ -45,7 +45,7 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from benchmark import (_randomise_bn, cpu_description, gemm_rate,  # noqa: E402
+from benchmark import (randomise_bn, cpu_description, gemm_rate,  # noqa: E402
                        runtime_gemm_rates)
 from effbackbones.deploy.contract import BACKENDS  # noqa: E402
 
@@ -440,7 +440,7 @@ def profile(args):
         raise SystemExit(str(exc)) from None
     torch.manual_seed(0)
     model = cls(arch=args.arch)
-    _randomise_bn(model)
+    randomise_bn(model)
     model.eval()
     x = torch.randn(1, 3, *args.shape)
     called = called_modules(model, x)
