@@ -3,10 +3,13 @@
 * one small variant of each family quantized by NNCF on a few synthetic scenes: the OpenVINO IR
   runs its convolutions / matrix multiplies in int8 and its maps are within the family's bound
   of PyTorch float32 on other scenes; the ONNX QDQ file the same in onnxruntime;
+* a file for CPUs without VNNI (--cpu avx2) keeps its accuracy on AVX2 int8 kernels, a VNNI
+  file is refused there;
 * the bound refuses a file (nothing written, the message says how to override), --force writes
   it; requests that cannot be met exit 2 with what to do;
 * the INT8 Semantic FPN file evaluated by tools/test.py --backend openvino gives a metric line.
 """
+import os
 import os.path as osp
 import re
 import subprocess
@@ -141,3 +144,75 @@ def test_tools_test_evaluates_the_int8_semfpn(semfpn, tmp_path, capsys):  # noqa
     log = proc.stdout + proc.stderr
     assert 'int8 file) runs in openvino' in log
     assert float(_metrics(log)[1]) >= 0
+
+
+@pytest.mark.parametrize('flags,cap,kind', [
+    ('fpu sse avx2 avx512f avx512_vnni', '', 'vnni'),
+    ('fpu avx2 avx_vnni', '', 'vnni'),
+    ('fpu avx2 avx512f amx_int8 amx_tile', '', 'vnni'),
+    ('fpu avx2 fma', '', 'avx2'),                               # AVX2 only
+    ('fpu avx2 avx512f', '', 'avx2'),                           # AVX-512 without VNNI
+    ('fpu avx2 avx512f avx512_vnni amx_int8', 'AVX2', 'avx2'),  # oneDNN capped below VNNI
+    ('fpu avx2 avx512f avx512_vnni', 'AVX512_CORE_VNNI', 'vnni'),
+    ('fpu avx2 avx512f avx512_vnni', 'AVX512_CORE', 'avx2'),
+])
+def test_cpu_int8_kind(flags, cap, kind, tmp_path, monkeypatch):
+    """Which int8 kernels the runtimes get: VNNI / AMX dot products, or AVX2's saturating ones
+    (also where ONEDNN_MAX_CPU_ISA, which OpenVINO honours, caps the CPU below VNNI)."""
+    from effbackbones.deploy.contract import cpu_int8_kind
+    info = tmp_path / 'cpuinfo'
+    info.write_text(f'processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n')
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', cap)
+    assert cpu_int8_kind(str(info)) == kind
+    assert cpu_int8_kind(str(tmp_path / 'missing')) is None
+
+
+AVX2_CHECK = r'''
+import sys, torch
+sys.path.insert(0, {repo!r})
+from effbackbones.deploy import RuntimeSession, build_backbone
+from effbackbones.deploy.quantize import synthetic_images
+torch.manual_seed(0)
+model = build_backbone('MobileFormer', '26m')
+try:
+    RuntimeSession({vnni!r}, 'openvino', threads=1)
+except ValueError as exc:
+    print('REFUSED', exc)
+session = RuntimeSession({avx2!r}, 'openvino', threads=1)
+diff = ref = 0
+for x in synthetic_images(2, (64, 64), seed=1):
+    with torch.no_grad():
+        refs = model(x)
+    diff = diff + torch.stack([(o - r).abs().sum() for o, r in zip(session(x), refs)])
+    ref = ref + torch.stack([r.abs().sum() for r in refs])
+print('ERRORS', *(diff / ref).tolist())
+'''
+
+
+def test_int8_for_cpus_without_vnni(tmp_path):
+    """--cpu avx2 (NNCF's overflow fix) gives a file that keeps its accuracy on AVX2 int8
+    kernels (OpenVINO with oneDNN capped to AVX2 in a subprocess); a VNNI file is refused
+    there, with what to do, instead of running with saturated sums."""
+    from effbackbones.deploy import RuntimeSession, build_backbone
+    from effbackbones.deploy.quantize import QuantizeError, quantize, recipe_for, synthetic_images
+    torch.manual_seed(0)
+    model = build_backbone('MobileFormer', '26m')
+    calib, check = synthetic_images(8, SHAPE, seed=0), synthetic_images(2, SHAPE, seed=1)
+    paths = {}
+    for cpu in ('vnni', 'avx2'):
+        paths[cpu] = str(tmp_path / f'{cpu}.xml')
+        quantize(model, SHAPE, paths[cpu], calib, check, cpu=cpu, log=lambda *_: None)
+        assert RuntimeSession(paths[cpu], 'openvino').metadata['effbackbones.int8_cpu'] == cpu
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA='AVX2', OMP_NUM_THREADS='1')
+    proc = subprocess.run([PY, '-c', AVX2_CHECK.format(repo=REPO, **paths)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'REFUSED' in proc.stdout and '--cpu avx2' in proc.stdout, proc.stdout
+    errors = [float(e) for e in proc.stdout.split('ERRORS')[1].split()]
+    assert len(errors) == 4 and max(errors) <= recipe_for(model).bound, errors
+    # and a VNNI file cannot be made (nor checked) where the CPU has no VNNI
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
+        with pytest.raises(QuantizeError, match='--cpu avx2'):
+            quantize(model, SHAPE, str(tmp_path / 'x.xml'), calib, check, cpu='vnni',
+                     log=lambda *_: None)

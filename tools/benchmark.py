@@ -168,7 +168,9 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
 def low_precision_variants(cls, arch, dep, x, runtimes, threads, tmpdir):
     """The OpenVINO-tuned float32 file of ``dep`` run with bfloat16 inference and quantized to
     INT8 (NNCF, the family's recipe), calibrated on 8 random inputs drawn like the timed one
-    (their scales then fit it, so the rel diff column means something)."""
+    (their scales then fit it, so the rel diff column means something), for this CPU's int8
+    kernels (``cpu_int8_kind``: the overflow fix where it has no VNNI)."""
+    from effbackbones.deploy.contract import cpu_int8_kind
     from effbackbones.deploy.export import BackboneMaps, export_module
     from effbackbones.deploy.quantize import quantize_file, recipe_for
     from effbackbones.deploy.runtime import RuntimeSession
@@ -181,7 +183,7 @@ def low_precision_variants(cls, arch, dep, x, runtimes, threads, tmpdir):
             g = torch.Generator().manual_seed(1)
             calib = [torch.randn(x.shape, generator=g) for _ in range(8)]
             int8 = quantize_file(path, osp.join(tmpdir, f'{cls.__name__}_{arch}_int8.xml'),
-                                 calib, recipe_for(dep))
+                                 calib, recipe_for(dep), cpu=cpu_int8_kind() or 'vnni')
     except Exception as exc:     # noqa: BLE001 - reported in the table
         return [(rt, None, f'failed: {_short(exc)}') for rt in runtimes]
     for rt in runtimes:
@@ -354,7 +356,11 @@ def cpu_description(cpuinfo='/proc/cpuinfo'):
     flags = set(fields.get('flags', '').split())
     name = fields.get('model name') or platform.processor() or platform.machine()
     features = [label for flag, label in CPU_FEATURES if flag in flags]
-    return f'{name} ({", ".join(features)})' if features else name
+    description = f'{name} ({", ".join(features)})' if features else name
+    # oneDNN (OpenVINO's and PyTorch's kernels) honours this cap: the figures are then those of
+    # a lesser CPU emulated on this one (docs/benchmarks/README.md), which the header must say
+    cap = os.environ.get('ONEDNN_MAX_CPU_ISA')
+    return f'{description}, oneDNN capped to {cap} (ONEDNN_MAX_CPU_ISA)' if cap else description
 
 
 def machine_gemm_rates(args, dtype, tmpdir):

@@ -61,6 +61,10 @@ def parse_args(argv=None):
                    help="largest accepted mean|int8-fp32|/mean|fp32| of any output (default: "
                         "the family's, docs/int8.md)")
     p.add_argument('--force', action='store_true', help='write the file above the bound too')
+    p.add_argument('--cpu', choices=('vnni', 'avx2'),
+                   help='the CPUs the file is for: vnni (AVX512-VNNI / AVX-VNNI / AMX) or avx2 '
+                        '(every x86 CPU: NNCF overflow fix, needed where there is no VNNI); '
+                        "default: this CPU's kind")
     p.add_argument('--keep-float', metavar='FILE.onnx',
                    help='also write the float32 ONNX file the INT8 one was made from')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
@@ -137,7 +141,7 @@ def main(argv=None):
             raise ExportError('give CONFIG CHECKPOINT, or --model CLASS --arch A --shape H W')
         quantize(model, shape, args.out, calib, check, backend=args.backend,
                  dynamic=args.dynamic, bound=args.bound, force=args.force, metadata=meta,
-                 keep_float=args.keep_float)
+                 keep_float=args.keep_float, cpu=args.cpu)
     except (ExportError, CheckpointError) as exc:
         print(f'quantize: {exc}', file=sys.stderr)
         return 2

@@ -2,6 +2,8 @@
 parity tolerance and the errors. It imports nothing from :mod:`effbackbones.deploy`, so every
 other module there can import it.
 """
+import os
+
 import numpy as np
 import torch
 
@@ -27,6 +29,33 @@ DYNAMIC_KEY = 'effbackbones.dynamic'
 #: the runtime whose substitutions changed the graph, ``'none'`` where none did
 TUNED_FOR_KEY = 'effbackbones.tuned_for'
 INPUT_SHAPE_KEY = 'effbackbones.input_shape'
+#: an INT8 file's precision (``int8``; float32 files have no such key) and the CPUs its int8
+#: weights are for (:data:`INT8_CPUS`)
+PRECISION_KEY = 'effbackbones.precision'
+INT8_CPU_KEY = 'effbackbones.int8_cpu'
+#: what an INT8 file can be quantized for: ``vnni``, CPUs whose int8 kernels sum u8 x s8
+#: products in 32 bits (AVX512-VNNI, AVX-VNNI, AMX); ``avx2``, any x86 CPU, those without VNNI
+#: included, whose AVX2 int8 kernels add pairs of products in saturating 16 bits (NNCF's overflow
+#: fix: 7-bit weight ranges, a little less accurate on VNNI CPUs)
+INT8_CPUS = ('vnni', 'avx2')
+#: /proc/cpuinfo flags of the int8 dot-product instructions
+VNNI_FLAGS = ('avx512_vnni', 'avx_vnni', 'amx_int8')
+
+
+def cpu_int8_kind(cpuinfo='/proc/cpuinfo'):
+    """``'vnni'`` where this CPU's int8 kernels have the VNNI / AMX dot products (oneDNN's
+    ``ONEDNN_MAX_CPU_ISA`` cap, which OpenVINO and PyTorch honour, included), else ``'avx2'``;
+    ``None`` where the CPU cannot be read (not x86 Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = set(next((line.split(':', 1)[1] for line in f
+                              if line.startswith('flags')), '').split())
+    except OSError:
+        return None
+    cap = os.environ.get('ONEDNN_MAX_CPU_ISA', '').upper()
+    capped_below_vnni = cap and cap != 'ALL' and not any(
+        k in cap for k in ('VNNI', 'BF16', 'AMX', 'FP16'))
+    return 'vnni' if flags & set(VNNI_FLAGS) and not capped_below_vnni else 'avx2'
 
 
 class ExportError(ValueError):
@@ -68,5 +97,6 @@ def compare(outs, refs, names=None):
 
 
 __all__ = ['OPSET', 'BACKENDS', 'PRECISIONS', 'ATOL_OF_MAX', 'RTOL', 'PART_KEY',
-           'SIZE_DIVISOR_KEY', 'DYNAMIC_KEY', 'TUNED_FOR_KEY', 'INPUT_SHAPE_KEY', 'ExportError',
-           'ParityError', 'compare']
+           'SIZE_DIVISOR_KEY', 'DYNAMIC_KEY', 'TUNED_FOR_KEY', 'INPUT_SHAPE_KEY', 'PRECISION_KEY',
+           'INT8_CPU_KEY', 'INT8_CPUS', 'cpu_int8_kind', 'ExportError', 'ParityError',
+           'compare']

@@ -24,12 +24,11 @@ import tempfile
 import numpy as np
 import torch
 
+from .contract import INT8_CPU_KEY, INT8_CPUS, PRECISION_KEY, cpu_int8_kind
 from .export import ExportError, export
 
 #: the runtimes a quantized file is written for, and the file each writes
 QUANT_BACKENDS = {'openvino': '.xml', 'onnxruntime': '.onnx'}
-#: metadata key of the precision of a file (``int8``; float32 files have no such key)
-PRECISION_KEY = 'effbackbones.precision'
 
 
 class QuantizeError(ExportError):
@@ -86,11 +85,15 @@ def recipe_for(backbone):
     return RECIPES.get(type(backbone).__name__, Recipe(why='default'))
 
 
-def nncf_arguments(recipe, backend):
-    """Keyword arguments of ``nncf.quantize`` for ``recipe`` in ``backend``."""
+def nncf_arguments(recipe, backend, cpu='vnni'):
+    """Keyword arguments of ``nncf.quantize`` for ``recipe`` in ``backend``, for the CPUs
+    ``cpu`` (:data:`~.contract.INT8_CPUS`; ``avx2``: NNCF's overflow fix on every layer)."""
     import nncf
     from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
-                                                       AdvancedSmoothQuantParameters)
+                                                       AdvancedSmoothQuantParameters,
+                                                       OverflowFix)
+    if cpu not in INT8_CPUS:
+        raise QuantizeError(f'--cpu must be one of {INT8_CPUS}, got {cpu!r}')
     kwargs = {}
     if recipe.transformer:
         kwargs['model_type'] = nncf.ModelType.TRANSFORMER
@@ -98,7 +101,8 @@ def nncf_arguments(recipe, backend):
     if types:
         kwargs['ignored_scope'] = nncf.IgnoredScope(types=list(types), validate=False)
     kwargs['advanced_parameters'] = AdvancedQuantizationParameters(
-        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=recipe.smooth_quant))
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=recipe.smooth_quant),
+        overflow_fix=OverflowFix.ENABLE if cpu == 'avx2' else OverflowFix.FIRST_LAYER)
     return kwargs
 
 
@@ -307,17 +311,17 @@ def _save(quantized, path, backend, metadata):
         onnx.save(quantized, path)
 
 
-def quantize_file(float_path, out, calib, recipe, backend='openvino'):
-    """Quantize the float32 ONNX file ``float_path`` with NNCF (``recipe``'s settings) on
-    ``calib`` and write ``out`` for ``backend`` (an IR ``.xml`` or a QDQ ``.onnx``), with the
-    float file's metadata and ``effbackbones.precision = int8``. No error check: see
-    :func:`quantize`."""
+def quantize_file(float_path, out, calib, recipe, backend='openvino', cpu='vnni'):
+    """Quantize the float32 ONNX file ``float_path`` with NNCF (``recipe``'s settings, for the
+    CPUs ``cpu``) on ``calib`` and write ``out`` for ``backend`` (an IR ``.xml`` or a QDQ
+    ``.onnx``), with the float file's metadata, ``effbackbones.precision = int8`` and
+    ``effbackbones.int8_cpu = cpu``. No error check: see :func:`quantize`."""
     from .runtime import read_metadata
-    kwargs = nncf_arguments(recipe, backend)
+    kwargs = nncf_arguments(recipe, backend, cpu)
     quantize_fn = _quantize_openvino if backend == 'openvino' else _quantize_onnx
     quantized = quantize_fn(float_path, calib, kwargs)
     meta = {k: v for k, v in read_metadata(float_path).items() if not k.startswith('_')}
-    meta[PRECISION_KEY] = 'int8'
+    meta[PRECISION_KEY], meta[INT8_CPU_KEY] = 'int8', cpu
     _save(quantized, out, backend, meta)
     return out
 
@@ -330,13 +334,14 @@ def _move_into_place(tmp_path, out, backend):
 
 
 def quantize(model, shape, out, calib, check, backend='openvino', dynamic=False, bound=None,
-             force=False, metadata=None, keep_float=None, log=print):
+             force=False, metadata=None, keep_float=None, cpu=None, log=print):
     """Export ``model`` (a backbone or an mm model, as :func:`export` takes) in float32 at
     ``shape``, quantize it to INT8 with NNCF on ``calib`` (``(1, 3, H, W)`` tensors) and write
     ``out`` (``.xml`` for OpenVINO, ``.onnx`` QDQ for onnxruntime) if its error against the
     float32 file on ``check`` is within ``bound`` (default: the family's) or ``force``.
 
-    ``keep_float``: also keep the float32 ONNX file there (the same weights, e.g. for
+    ``cpu``: the CPUs the file is for (:data:`~.contract.INT8_CPUS`; default: this CPU's kind,
+    on which the error is checked). ``keep_float``: also keep the float32 ONNX file there (the same weights, e.g. for
     tools/benchmark.py or a float32 evaluation). Returns the error report
     (:func:`error_report`); raises :class:`BoundError` (nothing written) above the bound.
     """
@@ -350,6 +355,12 @@ def quantize(model, shape, out, calib, check, backend='openvino', dynamic=False,
     if not calib or not check:
         raise QuantizeError('quantization needs calibration images and held-out images to '
                             'check the INT8 file (--calib N >= 1, --check N >= 1)')
+    here = cpu_int8_kind() or 'vnni'
+    cpu = cpu or here
+    if cpu == 'vnni' and here == 'avx2':
+        raise QuantizeError('--cpu vnni: this CPU has no VNNI (or ONEDNN_MAX_CPU_ISA caps it '
+                            'below), so the file could not be checked here; quantize on a VNNI '
+                            'CPU, or for every CPU with --cpu avx2')
     recipe = recipe_for(effb_backbone(model))
     bound = recipe.bound if bound is None else float(bound)
     with tempfile.TemporaryDirectory() as tmp:
@@ -357,11 +368,11 @@ def quantize(model, shape, out, calib, check, backend='openvino', dynamic=False,
         # the graph tuned for the runtime that will run the INT8 file; parity-checked
         export(model, shape, float_path, dynamic=dynamic, metadata=metadata, runtime=backend,
                log=log)
-        log(f'quantizing with NNCF on {len(calib)} calibration image(s) '
+        log(f'quantizing for {cpu} CPUs with NNCF on {len(calib)} calibration image(s) '
             f'({type(effb_backbone(model)).__name__}: {recipe.why}; '
             f'SmoothQuant {"off" if recipe.smooth_quant < 0 else recipe.smooth_quant})')
         int8_path = osp.join(tmp, 'int8' + ext)
-        quantize_file(float_path, int8_path, calib, recipe, backend)
+        quantize_file(float_path, int8_path, calib, recipe, backend, cpu)
         report = error_report(float_path, int8_path, backend, check)
         worst = max(mean for _, _, mean in report)
         log(f'INT8 vs float32 in {backend} on {len(check)} held-out image(s):\n'
