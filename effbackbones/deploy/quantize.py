@@ -3,14 +3,15 @@
 The float32 graph is exported first with :func:`~effbackbones.deploy.export.export` (deploy form,
 static unless asked otherwise, parity-checked), then quantized by NNCF on calibration images:
 
-* ``backend='openvino'``: the ONNX file read into OpenVINO, ``nncf.quantize`` on the
-  ``ov.Model`` -> an OpenVINO IR (``.xml`` + ``.bin``) with FakeQuantize ops, which OpenVINO runs
-  with int8 kernels (VNNI / AMX where the CPU has them);
+* ``backend='openvino'``: the ONNX file converted by ``ov.convert_model`` (constants folded),
+  ``nncf.quantize`` on the ``ov.Model`` -> an OpenVINO IR (``.xml`` + ``.bin``) with FakeQuantize
+  ops, which OpenVINO runs with int8 kernels (VNNI / AMX where the CPU has them);
 * ``backend='onnxruntime'``: ``nncf.quantize`` on the ONNX model -> a QDQ ``.onnx``
   (QuantizeLinear / DequantizeLinear pairs), which onnxruntime fuses into int8 kernels.
 
 Each family gets the settings of :data:`RECIPES` (why each, with the measured errors:
-docs/int8.md). The quantized file is compared with the float32 file in the same runtime on
+docs/int8.md); a file is made for the CPUs of one kind (``cpu``: ``vnni`` or ``avx2``, NNCF's
+overflow fix, :data:`~.contract.INT8_CPUS`) and says so in its metadata. The quantized file is compared with the float32 file in the same runtime on
 held-out images (per output: ``max|int8 - fp32| / max|fp32|`` and ``mean|int8 - fp32| /
 mean|fp32|``); a file whose worst mean-relative error is above the family's bound is not written
 (:class:`BoundError`) unless ``force``.
@@ -237,13 +238,6 @@ def compute_layer_precisions(path, threads=None):
     return layers
 
 
-def int8_compute_layers(path, threads=None):
-    """``(in int8, all)``: how many of the compute layers (:func:`compute_layer_precisions`)
-    OpenVINO's CPU plugin runs with int8 / uint8 inputs."""
-    precisions = [p for _, _, p in compute_layer_precisions(path, threads)]
-    return sum(p in ('i8', 'u8') for p in precisions), len(precisions)
-
-
 def format_layer_precisions(layers):
     """One line: how many of ``layers`` (:func:`compute_layer_precisions`) run in int8 on
     this CPU, and the types of those left in float."""
@@ -393,5 +387,5 @@ def quantize(model, shape, out, calib, check, backend='openvino', dynamic=False,
 
 __all__ = ['QUANT_BACKENDS', 'PRECISION_KEY', 'RECIPES', 'Recipe', 'QuantizeError',
            'BoundError', 'recipe_for', 'nncf_arguments', 'images_from_dir', 'synthetic_images',
-           'config_inputs', 'error_report', 'compute_layer_precisions', 'int8_compute_layers',
-           'quantize_file', 'quantize']
+           'config_inputs', 'error_report', 'compute_layer_precisions',
+           'format_layer_precisions', 'quantize_file', 'quantize']
