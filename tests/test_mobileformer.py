@@ -1,4 +1,6 @@
 """Mobile-Former: parity with the authors' code, tokens, contract, checkpoints, deploy."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,7 +8,8 @@ import torch.nn as nn
 from effbackbones import CheckpointError
 from effbackbones.checkpoint import load_pretrained
 from effbackbones.models.mobileformer import MobileFormer
-from effbackbones.models.mobileformer_layers import PartMajorDepthwise, is_multiplier_depthwise
+from effbackbones.models.mobileformer_layers import (Former, FormerToMobile, MobileToFormer,
+                                                    PartMajorDepthwise, is_multiplier_depthwise)
 from effbackbones.registry import MODELS
 
 from conftest import check_pack_parity, load_pack, make_weights, zero_state_dict
@@ -383,3 +386,14 @@ def test_partial_checkpoint_is_an_error_unless_not_strict(tmp_path):
     model = MobileFormer('26m', init_cfg=_pretrained(path, strict=False))
     model.init_weights()
     torch.testing.assert_close(model.stem[0].weight, sd['stem.0.weight'])
+
+
+@pytest.mark.parametrize('make,who', [
+    (lambda: MobileToFormer(30, 192, num_heads=4), 'Mobile->Former bridge: 30 channels'),
+    (lambda: FormerToMobile(30, 192, num_heads=4), 'Former->Mobile bridge: 30 channels'),
+    (lambda: Former(190, num_heads=4), 'Former (token_dim): 190 channels'),
+])
+def test_attention_widths_the_heads_do_not_divide(make, who):
+    """Each attention of the family refuses a width its heads do not divide, saying which."""
+    with pytest.raises(ValueError, match=re.escape(who) + ' are not divisible by 4 heads'):
+        make()

@@ -134,6 +134,14 @@ def split_multiplier_depthwise_(seq, reader):
 # --------------------------------------------------------------------------------------------
 # bridges and the Former
 # --------------------------------------------------------------------------------------------
+def head_scale(width, num_heads, who):
+    """``(width // num_heads) ** -0.5``, the attention scale of ``num_heads`` heads sharing
+    ``width`` channels; a width the heads do not divide is an error naming ``who``."""
+    if width % num_heads:
+        raise ValueError(f'{who}: {width} channels are not divisible by {num_heads} heads')
+    return (width // num_heads) ** -0.5
+
+
 class MobileToFormer(nn.Module):
     """Tokens attend to the map's pixels (authors' ``Local2Global``, ``'attn'``, dynamic).
 
@@ -144,11 +152,8 @@ class MobileToFormer(nn.Module):
 
     def __init__(self, channels, token_dim, num_heads=2, drop_path=0.0):
         super().__init__()
-        if channels % num_heads:
-            raise ValueError(f'Mobile->Former bridge: {channels} channels are not divisible '
-                             f'by {num_heads} heads')
         self.num_heads = num_heads
-        self.scale = (channels // num_heads) ** -0.5
+        self.scale = head_scale(channels, num_heads, 'Mobile->Former bridge')
         self.alpha_scale = 2.0
         self.alpha = nn.Sequential(nn.Linear(token_dim, channels), HSigmoid())
         self.q = nn.Linear(token_dim, channels)
@@ -206,11 +211,8 @@ class Former(nn.Module):
 
     def __init__(self, token_dim, num_heads=4, ffn_ratio=2, drop_path=0.0):
         super().__init__()
-        if token_dim % num_heads:
-            raise ValueError(f'Former: token_dim {token_dim} is not divisible by {num_heads} '
-                             f'heads')
         self.num_heads = num_heads
-        self.scale = (token_dim // num_heads) ** -0.5
+        self.scale = head_scale(token_dim, num_heads, 'Former (token_dim)')
         self.ffn = nn.Sequential(nn.Linear(token_dim, token_dim * ffn_ratio), nn.GELU(),
                                  nn.Linear(token_dim * ffn_ratio, token_dim))
         self.ffn_norm = nn.LayerNorm(token_dim)
@@ -238,11 +240,8 @@ class FormerToMobile(nn.Module):
 
     def __init__(self, channels, token_dim, num_heads=2, drop_path=0.0):
         super().__init__()
-        if channels % num_heads:
-            raise ValueError(f'Former->Mobile bridge: {channels} channels are not divisible '
-                             f'by {num_heads} heads')
         self.num_heads = num_heads
-        self.scale = (channels // num_heads) ** -0.5
+        self.scale = head_scale(channels, num_heads, 'Former->Mobile bridge')
         self.k = nn.Linear(token_dim, channels)
         self.proj = nn.Linear(token_dim, channels)
         self.drop_path = drop_path_or_identity(drop_path)
