@@ -502,6 +502,19 @@ def test_bfloat16_refused_where_it_cannot_run(tmp_path):
     with pytest.raises(ValueError, match=r"needs a CPU with native bf16.*Intel Xeon \(no bf16\)"):
         check_native_bf16(CoreWithoutBF16())
 
+    class CoreWithBF16:
+        """What OpenVINO reports on an AMX CPU (from its flags, whatever the oneDNN cap)."""
+        def get_property(self, device, name):
+            return {'OPTIMIZATION_CAPABILITIES': ['BF16', 'FP32', 'INT8'],
+                    'FULL_DEVICE_NAME': 'Intel Xeon (AMX)'}[name]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('ONEDNN_MAX_CPU_ISA', 'AVX512_CORE_AMX')
+        check_native_bf16(CoreWithBF16())
+        # capped to an AVX2 CPU's kernels: OpenVINO would fail compiling its Softmax in bf16
+        mp.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
+        with pytest.raises(ValueError, match=r'ONEDNN_MAX_CPU_ISA=AVX2 caps OpenVINO below bf16'):
+            check_native_bf16(CoreWithBF16())
+
 
 def test_tools_test_precision_needs_an_onnx_backend(monkeypatch):
     monkeypatch.setenv('LOCAL_RANK', '0')     # parse_args sets it: restored afterwards

@@ -219,14 +219,20 @@ def _benchmark_module():
     return load_script(osp.join(REPO, 'tools', 'benchmark.py'), 'effb_benchmark')
 
 
-def test_benchmark_names_the_cpu(tmp_path):
+def test_benchmark_names_the_cpu(tmp_path, monkeypatch):
     """A table's header names the CPU model and the vector features the runtimes' kernels
-    depend on (read from /proc/cpuinfo); without that file, the platform's processor string."""
+    depend on (read from /proc/cpuinfo), and a oneDNN cap that makes it run as a lesser CPU;
+    without that file, the platform's processor string."""
     bench = _benchmark_module()
+    monkeypatch.delenv('ONEDNN_MAX_CPU_ISA', raising=False)
     info = tmp_path / 'cpuinfo'
     info.write_text('processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu sse avx2 '
                     'avx512f avx512_bf16 fma\n\nprocessor\t: 1\nmodel name\t: Other\n')
     assert bench.cpu_description(str(info)) == 'Some CPU 9000 (AVX512-BF16, AVX-512, AVX2)'
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
+    assert bench.cpu_description(str(info)) == ('Some CPU 9000 (AVX512-BF16, AVX-512, AVX2), '
+                                                'oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA)')
+    monkeypatch.delenv('ONEDNN_MAX_CPU_ISA')
     info.write_text('processor\t: 0\nmodel name\t: Old CPU\nflags\t\t: fpu sse sse2\n')
     assert bench.cpu_description(str(info)) == 'Old CPU'
     assert bench.cpu_description(str(tmp_path / 'missing')) == (platform.processor()
@@ -314,8 +320,10 @@ def test_benchmark_int8_rows(tmp_path):
         if line.startswith('| EfficientFormerV2 |'))}
     assert sorted(rows) == ['eager', 'openvino', 'openvino-int8', 'openvino-int8-bf16'], \
         proc.stdout
+    from effbackbones.deploy.contract import isa_capped_below
     ran = ['openvino-int8']
-    if 'BF16' in ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES'):
+    if 'BF16' in ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES') and \
+            not isa_capped_below(('BF16', 'AMX', 'FP16')):
         ran.append('openvino-int8-bf16')
     else:
         assert rows['openvino-int8-bf16'][3].startswith('not run: '), rows

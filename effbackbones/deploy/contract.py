@@ -52,10 +52,16 @@ def cpu_int8_kind(cpuinfo='/proc/cpuinfo'):
                               if line.startswith('flags')), '').split())
     except OSError:
         return None
+    capped = isa_capped_below(('VNNI', 'BF16', 'AMX', 'FP16'))
+    return 'vnni' if flags & set(VNNI_FLAGS) and not capped else 'avx2'
+
+
+def isa_capped_below(levels):
+    """Whether ``ONEDNN_MAX_CPU_ISA`` (honoured by OpenVINO's CPU plugin and PyTorch's
+    oneDNN) caps the kernels below every ISA whose name holds one of ``levels`` (e.g.
+    ``('BF16', 'AMX')``): the CPU then runs as a lesser one, whatever its flags say."""
     cap = os.environ.get('ONEDNN_MAX_CPU_ISA', '').upper()
-    capped_below_vnni = cap and cap != 'ALL' and not any(
-        k in cap for k in ('VNNI', 'BF16', 'AMX', 'FP16'))
-    return 'vnni' if flags & set(VNNI_FLAGS) and not capped_below_vnni else 'avx2'
+    return bool(cap) and cap != 'ALL' and not any(level in cap for level in levels)
 
 
 class ExportError(ValueError):
@@ -98,5 +104,5 @@ def compare(outs, refs, names=None):
 
 __all__ = ['OPSET', 'BACKENDS', 'PRECISIONS', 'ATOL_OF_MAX', 'RTOL', 'PART_KEY',
            'SIZE_DIVISOR_KEY', 'DYNAMIC_KEY', 'TUNED_FOR_KEY', 'INPUT_SHAPE_KEY', 'PRECISION_KEY',
-           'INT8_CPU_KEY', 'INT8_CPUS', 'cpu_int8_kind', 'ExportError', 'ParityError',
-           'compare']
+           'INT8_CPU_KEY', 'INT8_CPUS', 'cpu_int8_kind', 'isa_capped_below', 'ExportError',
+           'ParityError', 'compare']

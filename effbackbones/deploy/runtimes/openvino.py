@@ -17,13 +17,15 @@ SwiftFormer ``EfficientAdditiveAtt.``  global query read from the channels-last 
 Mobile-Former bridges (deploy form)    pixels read in :func:`space_to_depth` blocks
 =====================================  ===================================================
 """
+import os
+
 import torch
 
 from ...models.efficientformer import EfficientFormer
 from ...models.layers import ExportableGroupNorm
 from ...models.mobileformer import FormerToMobile, MobileFormer, MobileToFormer
 from ...models.swiftformer import EfficientAdditiveAttention
-from ..contract import PRECISIONS
+from ..contract import PRECISIONS, isa_capped_below
 from ..parts import BackboneMaps
 from ..substitution import RuntimeForm, adopt
 
@@ -234,6 +236,11 @@ def check_native_bf16(core):
         name = core.get_property('CPU', 'FULL_DEVICE_NAME')
         raise ValueError(f"precision='bfloat16' needs a CPU with native bf16 (AVX512-BF16 or "
                          f"AMX); OpenVINO reports {caps} for {name}: run precision='float32'")
+    # the capabilities come from the CPU's flags; a cap leaves OpenVINO without bf16 kernels
+    if isa_capped_below(('BF16', 'AMX', 'FP16')):
+        raise ValueError(f"precision='bfloat16': ONEDNN_MAX_CPU_ISA="
+                         f"{os.environ['ONEDNN_MAX_CPU_ISA']} caps OpenVINO below bf16 kernels: "
+                         f"run precision='float32'")
 
 
 def declared_output_names(path):
