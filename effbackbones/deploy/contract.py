@@ -40,6 +40,10 @@ INT8_CPU_KEY = 'effbackbones.int8_cpu'
 INT8_CPUS = ('vnni', 'avx2')
 #: /proc/cpuinfo flags of the int8 dot-product instructions
 VNNI_FLAGS = ('avx512_vnni', 'avx_vnni', 'amx_int8')
+#: words of the oneDNN ISA names (``ONEDNN_MAX_CPU_ISA`` values) whose kernels have bf16, and
+#: int8 dot products (every bf16 level has VNNI)
+BF16_ISA_WORDS = ('BF16', 'AMX', 'FP16')
+VNNI_ISA_WORDS = ('VNNI',) + BF16_ISA_WORDS
 
 
 def cpu_int8_kind(cpuinfo='/proc/cpuinfo'):
@@ -52,14 +56,15 @@ def cpu_int8_kind(cpuinfo='/proc/cpuinfo'):
                               if line.startswith('flags')), '').split())
     except OSError:
         return None
-    capped = isa_capped_below(('VNNI', 'BF16', 'AMX', 'FP16'))
+    capped = isa_capped_below(VNNI_ISA_WORDS)
     return 'vnni' if flags & set(VNNI_FLAGS) and not capped else 'avx2'
 
 
 def isa_capped_below(levels):
     """Whether ``ONEDNN_MAX_CPU_ISA`` (honoured by OpenVINO's CPU plugin and PyTorch's
-    oneDNN) caps the kernels below every ISA whose name holds one of ``levels`` (e.g.
-    ``('BF16', 'AMX')``): the CPU then runs as a lesser one, whatever its flags say."""
+    oneDNN) caps the kernels below every ISA whose name holds one of ``levels``
+    (:data:`BF16_ISA_WORDS`, :data:`VNNI_ISA_WORDS`): the CPU then runs as a lesser one,
+    whatever its flags say."""
     cap = os.environ.get('ONEDNN_MAX_CPU_ISA', '').upper()
     return bool(cap) and cap != 'ALL' and not any(level in cap for level in levels)
 
@@ -104,5 +109,5 @@ def compare(outs, refs, names=None):
 
 __all__ = ['OPSET', 'BACKENDS', 'PRECISIONS', 'ATOL_OF_MAX', 'RTOL', 'PART_KEY',
            'SIZE_DIVISOR_KEY', 'DYNAMIC_KEY', 'TUNED_FOR_KEY', 'INPUT_SHAPE_KEY', 'PRECISION_KEY',
-           'INT8_CPU_KEY', 'INT8_CPUS', 'cpu_int8_kind', 'isa_capped_below', 'ExportError',
-           'ParityError', 'compare']
+           'INT8_CPU_KEY', 'INT8_CPUS', 'BF16_ISA_WORDS', 'VNNI_ISA_WORDS', 'cpu_int8_kind',
+           'isa_capped_below', 'ExportError', 'ParityError', 'compare']

@@ -11,10 +11,11 @@ static unless asked otherwise, parity-checked), then quantized by NNCF on calibr
 
 Each family gets the settings of :data:`RECIPES` (why each, with the measured errors:
 docs/int8.md); a file is made for the CPUs of one kind (``cpu``: ``vnni`` or ``avx2``, NNCF's
-overflow fix, :data:`~.contract.INT8_CPUS`) and says so in its metadata. The quantized file is compared with the float32 file in the same runtime on
-held-out images (per output: ``max|int8 - fp32| / max|fp32|`` and ``mean|int8 - fp32| /
-mean|fp32|``); a file whose worst mean-relative error is above the family's bound is not written
-(:class:`BoundError`) unless ``force``.
+overflow fix, :data:`~.contract.INT8_CPUS`) and says so in its metadata. The quantized file is
+compared with the float32 file in the same runtime on held-out images (per output:
+``max|int8 - fp32| / max|fp32|`` and ``mean|int8 - fp32| / mean|fp32|``); a file whose worst
+mean-relative error is above the family's bound is not written (:class:`BoundError`) unless
+``force``.
 """
 import dataclasses
 import os
@@ -254,15 +255,6 @@ def format_report(report, bound):
     return '\n'.join(lines)
 
 
-def _keep_onnx_output_names(model, onnx_path):
-    """Name each output of ``model`` (``ov.convert_model`` of ``onnx_path``) by the ONNX
-    file's output name only (:func:`~.runtimes.openvino.declared_output_names`): the IR then
-    reads back with the names the float file has."""
-    from .runtimes.openvino import declared_output_names
-    for output, name in zip(model.outputs, declared_output_names(onnx_path)):
-        output.get_tensor().set_names({name})
-
-
 def _quantize_openvino(float_path, calib, kwargs):
     import nncf
     import openvino as ov
@@ -272,7 +264,6 @@ def _quantize_openvino(float_path, calib, kwargs):
     # FakeQuantize that the CPU plugin cannot fold, and it runs every depthwise conv in float32
     # (EfficientFormerV2-L at 512x512: 55 of 232 compute layers, INT8 1.64x -> 1.93x float32)
     model = ov.convert_model(float_path)
-    _keep_onnx_output_names(model, float_path)
     arrays = [x.numpy() for x in calib]
     return nncf.quantize(model, nncf.Dataset(arrays), subset_size=len(arrays), **kwargs)
 
@@ -314,7 +305,13 @@ def quantize_file(float_path, out, calib, recipe, backend='openvino', cpu='vnni'
     kwargs = nncf_arguments(recipe, backend, cpu)
     quantize_fn = _quantize_openvino if backend == 'openvino' else _quantize_onnx
     quantized = quantize_fn(float_path, calib, kwargs)
-    meta = {k: v for k, v in read_metadata(float_path).items() if not k.startswith('_')}
+    float_meta = read_metadata(float_path)
+    if backend == 'openvino':
+        # the IR's outputs by the float file's names only (convert_model gives each the names
+        # of its tensor, the computing node's among them): it reads back as the float file
+        for output, name in zip(quantized.outputs, float_meta['_output_names']):
+            output.get_tensor().set_names({name})
+    meta = {k: v for k, v in float_meta.items() if not k.startswith('_')}
     meta[PRECISION_KEY], meta[INT8_CPU_KEY] = 'int8', cpu
     _save(quantized, out, backend, meta)
     return out
@@ -335,8 +332,8 @@ def quantize(model, shape, out, calib, check, backend='openvino', dynamic=False,
     float32 file on ``check`` is within ``bound`` (default: the family's) or ``force``.
 
     ``cpu``: the CPUs the file is for (:data:`~.contract.INT8_CPUS`; default: this CPU's kind,
-    on which the error is checked). ``keep_float``: also keep the float32 ONNX file there (the same weights, e.g. for
-    tools/benchmark.py or a float32 evaluation). Returns the error report
+    on which the error is checked). ``keep_float``: also keep the float32 ONNX file there (the
+    same weights, e.g. for tools/benchmark.py or a float32 evaluation). Returns the error report
     (:func:`error_report`); raises :class:`BoundError` (nothing written) above the bound.
     """
     from .export import effb_backbone

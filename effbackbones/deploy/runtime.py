@@ -30,6 +30,9 @@ def read_metadata(path):
     meta = {p.key: p.value for p in model.metadata_props}
     inp = model.graph.input[0].type.tensor_type.shape.dim
     meta['_input_dims'] = tuple(d.dim_value if d.HasField('dim_value') else None for d in inp)
+    # the names the file declares: OpenVINO also gives an output the name of the node that
+    # computed it, and its get_any_name the smallest (/model/out_norms.0/... for out_0)
+    meta['_output_names'] = [o.name for o in model.graph.output]
     return meta
 
 
@@ -44,6 +47,7 @@ def _read_ir_metadata(path):
         meta = {k: v.astype(str) for k, v in dict(info['effbackbones_metadata']).items()}
     meta['_input_dims'] = tuple(d.get_length() if d.is_static else None
                                 for d in model.inputs[0].get_partial_shape())
+    meta['_output_names'] = [o.get_any_name() for o in model.outputs]
     return meta
 
 
@@ -104,9 +108,9 @@ class RuntimeSession:
         self.path, self.backend, self.precision = path, backend, precision
         self.metadata = read_metadata(path)
         self.input_dims = self.metadata.pop('_input_dims')
+        self.output_names = self.metadata.pop('_output_names')
         check_int8_cpu(path, self.metadata)
         self._session = runtime.Session(path, threads, precision)
-        self.output_names = self._session.output_names
 
     @property
     def part(self):

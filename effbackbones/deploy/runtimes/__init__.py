@@ -4,8 +4,8 @@
   None``), applied to a copy of the model when a static graph is tuned for that runtime
   (:mod:`..substitution`); an empty table tunes nothing;
 * ``PRECISIONS``: the inference precisions its sessions run;
-* ``Session(path, threads, precision)``: the file loaded on the CPU, ``output_names`` and
-  ``run(array) -> [array]`` (float32 numpy in and out).
+* ``Session(path, threads, precision)``: the file loaded on the CPU, ``run(array) -> [array]``
+  (float32 numpy in and out, in the file's output order).
 
 Adding a runtime: its module here and its name in ``BACKENDS``.
 """

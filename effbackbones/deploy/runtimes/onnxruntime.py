@@ -20,7 +20,6 @@ class Session:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
         self._sess = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
-        self.output_names = [o.name for o in self._sess.get_outputs()]
         self._input_name = self._sess.get_inputs()[0].name
 
     def run(self, array):

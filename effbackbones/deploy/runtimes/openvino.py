@@ -25,7 +25,7 @@ from ...models.efficientformer import EfficientFormer
 from ...models.layers import ExportableGroupNorm
 from ...models.mobileformer import FormerToMobile, MobileFormer, MobileToFormer
 from ...models.swiftformer import EfficientAdditiveAttention
-from ..contract import PRECISIONS, isa_capped_below
+from ..contract import BF16_ISA_WORDS, PRECISIONS, isa_capped_below
 from ..parts import BackboneMaps
 from ..substitution import RuntimeForm, adopt
 
@@ -237,20 +237,10 @@ def check_native_bf16(core):
         raise ValueError(f"precision='bfloat16' needs a CPU with native bf16 (AVX512-BF16 or "
                          f"AMX); OpenVINO reports {caps} for {name}: run precision='float32'")
     # the capabilities come from the CPU's flags; a cap leaves OpenVINO without bf16 kernels
-    if isa_capped_below(('BF16', 'AMX', 'FP16')):
+    if isa_capped_below(BF16_ISA_WORDS):
         raise ValueError(f"precision='bfloat16': ONEDNN_MAX_CPU_ISA="
                          f"{os.environ['ONEDNN_MAX_CPU_ISA']} caps OpenVINO below bf16 kernels: "
                          f"run precision='float32'")
-
-
-def declared_output_names(path):
-    """The output names an ONNX file declares (``None`` for an IR). OpenVINO gives a graph
-    output every name its tensor has, and ``get_any_name`` the smallest: the name of the node
-    that computed it (``/model/out_norms.0/Mul_2_output_0``) where the file says ``out_0``."""
-    if not str(path).endswith('.onnx'):
-        return None
-    import onnx
-    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
 
 
 class Session:
@@ -274,8 +264,6 @@ class Session:
             raise ValueError(f'OpenVINO compiled {path} with inference precision {used}, '
                              f'not the requested {hint} ({precision})')
         self._request = self._compiled.create_infer_request()
-        self.output_names = declared_output_names(path) or \
-            [o.get_any_name() for o in self._compiled.outputs]
 
     def run(self, array):
         result = self._request.infer({0: array})
