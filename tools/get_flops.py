@@ -29,14 +29,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def flop_analyzer(module, inputs):
+    """mmengine's FlopAnalyzer of ``module`` on ``inputs``, quiet about the ops and modules
+    it does not count (the fvcore convention: one multiply-add = one FLOP)."""
+    from mmengine.analysis import FlopAnalyzer
+    fa = FlopAnalyzer(module, inputs)
+    fa.unsupported_ops_warnings(False)
+    fa.uncalled_modules_warnings(False)
+    return fa
+
+
 def count(module, inputs):
-    from mmengine.analysis import FlopAnalyzer, parameter_count
+    from mmengine.analysis import parameter_count
     module.eval()
     with torch.no_grad():
-        fa = FlopAnalyzer(module, inputs)
-        fa.unsupported_ops_warnings(False)
-        fa.uncalled_modules_warnings(False)
-        flops = fa.total()
+        flops = flop_analyzer(module, inputs).total()
     return flops, parameter_count(module)['']
 
 

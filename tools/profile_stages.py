@@ -181,13 +181,10 @@ def assign_stages(nodes, scopes, io_names=(), root=ROOT):
 def stage_macs(model, x, stages):
     """``([MACs per stage], total MACs)`` of one forward (FlopAnalyzer, as tools/get_flops.py
     counts: the rest of the total is outside every stage)."""
-    from mmengine.analysis import FlopAnalyzer
+    from get_flops import flop_analyzer
     model = copy.deepcopy(model).float().eval()
     with torch.no_grad():
-        fa = FlopAnalyzer(model, (x,))
-        fa.unsupported_ops_warnings(False)
-        fa.uncalled_modules_warnings(False)
-        counts = fa.by_module()
+        counts = flop_analyzer(model, (x,)).by_module()
     return [sum(counts.get(q, 0) for q in qs) for _, qs in stages], counts['']
 
 
@@ -265,11 +262,10 @@ def openvino_runs(path, x, threads, repeats, warmup):
     per timed run ``[(node name, 'node type / kernel', seconds)]`` of the EXECUTED nodes in
     execution order; the wall times of the calls; the graph's input / output names."""
     import openvino as ov
+
+    from effbackbones.deploy.runtimes.openvino import compile_config
     core = ov.Core()
-    config = {'PERF_COUNT': True, 'INFERENCE_PRECISION_HINT': 'f32',
-              'PERFORMANCE_HINT': 'LATENCY'}
-    if threads:
-        config['INFERENCE_NUM_THREADS'] = int(threads)
+    config = dict(compile_config(threads), PERF_COUNT=True)
     compiled = core.compile_model(core.read_model(path), 'CPU', config)
     request = compiled.create_infer_request()
     arr = x.numpy()
@@ -293,13 +289,11 @@ def onnxruntime_runs(path, x, threads, repeats, warmup, tmpdir):
     run ``[(node name, op type, seconds of its kernel)]`` in execution order (the trace's
     ``Node`` events inside each ``model_run``); the wall times; the input / output names."""
     import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+    from effbackbones.deploy.runtimes.onnxruntime import session_options
+    opts = session_options(threads)
     opts.enable_profiling = True
     opts.profile_file_prefix = osp.join(tmpdir, 'ort_profile')
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
     feed = {sess.get_inputs()[0].name: x.numpy()}
     walls = []

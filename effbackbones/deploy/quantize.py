@@ -226,10 +226,9 @@ def compute_layer_precisions(path, threads=None):
     OpenVINO's CPU plugin compiled ``path`` (float32 inference for the rest): whether the file
     really runs int8 kernels on this CPU (``'i8'`` / ``'u8'``), not only holds int8 weights."""
     import openvino as ov
-    config = {'INFERENCE_PRECISION_HINT': 'f32'}
-    if threads:
-        config['INFERENCE_NUM_THREADS'] = int(threads)
-    runtime = ov.Core().compile_model(path, 'CPU', config).get_runtime_model()
+
+    from .runtimes.openvino import compile_config
+    runtime = ov.Core().compile_model(path, 'CPU', compile_config(threads)).get_runtime_model()
     layers = []
     for op in runtime.get_ops():
         info = op.get_rt_info()

@@ -243,19 +243,26 @@ def check_native_bf16(core):
                          f"run precision='float32'")
 
 
+def compile_config(threads=None, precision='float32'):
+    """OpenVINO's CPU configuration of a session: latency hint, the inference precision
+    pinned (float32 would otherwise be bfloat16 on CPUs with native bf16), ``threads``."""
+    config = {'INFERENCE_PRECISION_HINT': {'float32': 'f32', 'bfloat16': 'bf16'}[precision],
+              'PERFORMANCE_HINT': 'LATENCY'}
+    if threads:
+        config['INFERENCE_NUM_THREADS'] = int(threads)
+    return config
+
+
 class Session:
-    """One ONNX file compiled by OpenVINO for the CPU, latency hint, the inference precision
-    pinned (float32 would otherwise be bfloat16 on CPUs with native bf16)."""
+    """One ONNX file compiled by OpenVINO for the CPU (:func:`compile_config`)."""
 
     def __init__(self, path, threads=None, precision='float32'):
         import openvino as ov
         core = ov.Core()
-        hint = {'float32': 'f32', 'bfloat16': 'bf16'}[precision]
+        config = compile_config(threads, precision)
+        hint = config['INFERENCE_PRECISION_HINT']
         if hint == 'bf16':
             check_native_bf16(core)
-        config = {'INFERENCE_PRECISION_HINT': hint, 'PERFORMANCE_HINT': 'LATENCY'}
-        if threads:
-            config['INFERENCE_NUM_THREADS'] = int(threads)
         self._compiled = core.compile_model(core.read_model(path), 'CPU', config)
         used = self._compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()
         # OpenVINO keeps its default when it cannot honour the hint: never run something
@@ -270,6 +277,6 @@ class Session:
         return [result[o] for o in self._compiled.outputs]
 
 
-__all__ = ['NAME', 'SUBSTITUTIONS', 'PRECISIONS', 'Session', 'SLOW_REORDER_CHANNELS',
+__all__ = ['NAME', 'SUBSTITUTIONS', 'PRECISIONS', 'compile_config', 'Session', 'SLOW_REORDER_CHANNELS',
            'channels_first', 'pixel_block', 'space_to_depth', 'depth_to_space',
            'check_native_bf16']
