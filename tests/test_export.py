@@ -86,6 +86,15 @@ def _op_count(path, op):
     return [n.op_type for n in onnx.load(path).graph.node].count(op)
 
 
+def _concats_of(path, op):
+    """How many Concat nodes of the ONNX file ``path`` join only outputs of ``op`` nodes."""
+    import onnx
+    graph = onnx.load(path).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    return sum(all(producer.get(i) == op for i in n.input)
+               for n in graph.node if n.op_type == 'Concat')
+
+
 @pytest.mark.parametrize('variant', ['26m', '52m'])
 def test_openvino_tuned_export_matches_the_pack_in_both_runtimes(variant, tmp_path, capsys):
     """tools/export_onnx.py --runtime openvino: Mobile-Former's bridges read the 16-64-channel
@@ -117,11 +126,13 @@ def test_openvino_tuned_export_matches_the_pack_in_both_runtimes(variant, tmp_pa
 
 def test_openvino_tuning_only_where_the_blocks_fit(tmp_path):
     """The pixel blocks follow the traced sizes: 208x224 blocks the stride-8 maps (26x28) but
-    not the stride-16 ones (13x14, odd); a dynamic export is never tuned. Each file passes the
+    not the stride-16 ones (13x14, odd); the split depthwise convs are activated per part; a
+    dynamic export is never tuned. Each file passes the
     export's own parity checks (both runtimes for the static one), and the export leaves the
     model untuned (the stand-ins live in the traced copy only)."""
     from effbackbones.deploy import RuntimeSession, build_backbone, export
-    from effbackbones.models.mobileformer import FormerToMobile, MobileToFormer
+    from effbackbones.models.mobileformer import (DoubleDepthwiseBlock, FormerToMobile,
+                                                  MobileToFormer)
     model = build_backbone('MobileFormer', '52m')
     static, dyn = str(tmp_path / 'static.onnx'), str(tmp_path / 'dyn.onnx')
     reports = export(model, (208, 224), static, runtime='openvino', log=lambda *_: None)
@@ -129,11 +140,15 @@ def test_openvino_tuning_only_where_the_blocks_fit(tmp_path):
     # stride 8: the Former->Mobile bridges of blocks 2 and 3 and the Mobile->Former bridges of
     # blocks 3 and 4 (the maps of blocks 4-6 are 13x14)
     assert (_op_count(static, 'SpaceToDepth'), _op_count(static, 'DepthToSpace')) == (4, 2)
+    # the three bridged stride-2 blocks' two split multiplier depthwise convs each: dynamic ReLU
+    # per part (Max), then the concatenation
+    assert _concats_of(static, 'Max') == 6
     export(model, (224, 224), dyn, dynamic=True, runtime='openvino', log=lambda *_: None)
-    assert _op_count(dyn, 'SpaceToDepth') == 0
+    assert _op_count(dyn, 'SpaceToDepth') == 0 and _concats_of(dyn, 'Max') == 0
     assert RuntimeSession(dyn, 'onnxruntime').metadata['effbackbones.tuned_for'] == 'none'
-    bridges = [m for m in model.modules() if isinstance(m, (MobileToFormer, FormerToMobile))]
-    assert bridges and all(type(m) in (MobileToFormer, FormerToMobile) for m in bridges)
+    kinds = (MobileToFormer, FormerToMobile, DoubleDepthwiseBlock)
+    own = [m for m in model.modules() if isinstance(m, kinds)]
+    assert own and all(type(m) in kinds for m in own)
 
 
 @pytest.mark.parametrize('cls_name,arch,kw', [

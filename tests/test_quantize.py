@@ -23,10 +23,11 @@ from test_export import SEG, _metrics, semfpn  # noqa: F401  (the Semantic FPN f
 
 PY = sys.executable
 SHAPE = (64, 64)
-# the smallest variant of each family
+# the smallest variant of each family (Mobile-Former: the smallest whose multiplier depthwise
+# convs are split, 26M's grouped readers keep them whole)
 FAMILIES = [('SwiftFormer', 'xs', {}), ('EfficientFormer', 'l1', {}),
             ('EfficientFormerV2', 's0', {}), ('LeViT', '128s', dict(out_indices=(0, 1, 2, 3))),
-            ('MobileFormer', '26m', {})]
+            ('MobileFormer', '52m', {})]
 
 
 def _quantize_tool():
@@ -48,8 +49,8 @@ def test_int8_file_near_float32(cls_name, arch, kw, backend, tmp_path):
     compute layers really run in int8."""
     from effbackbones.deploy import RuntimeSession, build_backbone
     from effbackbones.deploy.contract import cpu_int8_kind
-    from effbackbones.deploy.quantize import (compute_layer_precisions, quantize, recipe_for,
-                                              synthetic_images)
+    from effbackbones.deploy.quantize import (compute_layer_precisions, in_scopes, quantize,
+                                              recipe_for, synthetic_images)
     torch.manual_seed(0)
     model = build_backbone(cls_name, arch, **kw)
     out = str(tmp_path / ('int8.xml' if backend == 'openvino' else 'int8.onnx'))
@@ -72,15 +73,34 @@ def test_int8_file_near_float32(cls_name, arch, kw, backend, tmp_path):
     assert errors == pytest.approx([mean for _, _, mean in report], rel=1e-3, abs=1e-6)
     assert 1e-4 < max(errors) <= bound, errors
     if backend == 'openvino':
+        scopes = recipe_for(model).float_scopes
         layers = compute_layer_precisions(out, threads=1)
+        # what the recipe keeps float is float (Mobile-Former's token path), the rest quantized
+        kept = [p for name, _, p in layers if in_scopes(name, scopes)]
+        assert bool(kept) == bool(scopes) and set(kept) <= {'f32'}, kept
+        layers = [layer for layer in layers if not in_scopes(layer[0], scopes)]
         in_float = {(kind, name) for name, kind, p in layers if p not in ('i8', 'u8')}
         assert len(in_float) <= 0.25 * len(layers), sorted(in_float)
         if cpu_int8_kind() == 'vnni':
             # every convolution and fully-connected layer in int8, depthwise ones included
             # (their weights constant-folded before NNCF); only activation x activation MatMuls
-            # stay float (V2's stride-32 attention, Mobile-Former's token attention). AVX2 int8
-            # kernels leave some of V2's depthwise convolutions float.
+            # stay float (V2's stride-32 attention). AVX2 int8 kernels leave some of V2's
+            # depthwise convolutions float.
             assert {kind for kind, _ in in_float} <= {'MatMul'}, sorted(in_float)
+        if cls_name == 'MobileFormer':
+            # the split multiplier depthwise convs are activated per part (the OpenVINO stand-in),
+            # so their parts are concatenated in int8
+            concats = _runtime_precisions(out, 'Concatenation')
+            assert concats and set(concats.values()) <= {'u8', 'i8'}, concats
+
+
+def _runtime_precisions(path, layer_type):
+    """{name: output precision} of the layers of ``layer_type`` in OpenVINO's compiled ``path``."""
+    import openvino as ov
+    runtime = ov.Core().compile_model(path, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+    return {op.get_friendly_name(): op.get_rt_info()['outputPrecisions'].astype(str)
+            for op in runtime.get_runtime_model().get_ops()
+            if op.get_rt_info()['layerType'].astype(str) == layer_type}
 
 
 def test_bound_refuses_and_force_writes(tmp_path, capsys):

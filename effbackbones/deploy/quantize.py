@@ -17,9 +17,12 @@ compared with the float32 file in the same runtime on held-out images (per outpu
 mean-relative error is above the family's bound is not written (:class:`BoundError`) unless
 ``force``.
 """
+import contextlib
 import dataclasses
+import logging
 import os
 import os.path as osp
+import re
 import shutil
 import tempfile
 
@@ -49,18 +52,24 @@ class Recipe:
     convolutions and MatMuls, activation x activation MatMuls symmetric, and leaves the
     element-wise and normalisation ops -- residual / attention-bias adds, products, LayerNorm /
     GroupNorm -- in float); ``smooth_quant``: SmoothQuant alpha for MatMuls (-1: off), which
-    moves activation outliers into the weights; ``ignored_types``: op types left in float
-    (OpenVINO type names; for the ONNX backend the ONNX ones in ``ignored_onnx_types``);
-    ``bound``: the largest accepted mean-relative error (``mean|int8 - fp32| / mean|fp32|``) of
-    any output against float32 (the max-relative error is reported, not bounded: one pixel of
-    the ~1e5 of a map decides it, and it varies 2x between calibrations of the same model)."""
+    moves activation outliers into the weights; ``float_scopes``: regular expressions of node
+    names (matched from the start; the ONNX file's names, which OpenVINO's model keeps) whose
+    inputs stay unquantized; ``bound``: the largest accepted mean-relative error
+    (``mean|int8 - fp32| / mean|fp32|``) of any output against float32 (the max-relative error
+    is reported, not bounded: one pixel of the ~1e5 of a map decides it, and it varies 2x
+    between calibrations of the same model)."""
     transformer: bool = True
     smooth_quant: float = -1.0
-    ignored_types: tuple = ()
-    ignored_onnx_types: tuple = ()
+    float_scopes: tuple = ()
     bound: float = 0.1
     why: str = ''
 
+
+#: Mobile-Former's token path by node name: the bridges and the Former, and each block's merged
+#: linears on the updated tokens (``MatMul``: bridge keys / values and the hyper functions'
+#: first layer, ``Gemm``: their second layer)
+MOBILE_FORMER_TOKEN_PATH = (r'.*/features\.\d+/(local_global|global_local|global_block)/',
+                            r'.*/features\.\d+/(MatMul|Gemm)')
 
 #: per family (backbone class name); chosen from the sweep in docs/int8.md (transformer type
 #: against the default CNN type and SmoothQuant 0.95, per-map errors on held-out images)
@@ -75,9 +84,12 @@ RECIPES = {
     # the last stage's maps (2x2-7x7 tokens at 64-224 px) reach 0.07-0.1 on random weights
     'LeViT': Recipe(bound=0.15, why='transformer type (CNN type the same within noise); '
                                     'SmoothQuant off: last stage 1.7x worse with it'),
-    'MobileFormer': Recipe(why='transformer type: dynamic-ReLU products and bridge adds stay '
-                               'float (CNN type: deeper maps 1.6-2.5x worse); SmoothQuant: no '
-                               'gain'),
+    'MobileFormer': Recipe(
+        float_scopes=MOBILE_FORMER_TOKEN_PATH,
+        why='transformer type: dynamic-ReLU products and bridge adds stay float (CNN type: '
+            'deeper maps 1.6-2.5x worse); SmoothQuant: no gain; the token path (bridges, '
+            'Former, token linears) left float: its attention MatMuls run in float anyway and '
+            'its linears see 6 tokens, so quantizing it only adds FakeQuantize work'),
 }
 
 
@@ -99,9 +111,9 @@ def nncf_arguments(recipe, backend, cpu='vnni'):
     kwargs = {}
     if recipe.transformer:
         kwargs['model_type'] = nncf.ModelType.TRANSFORMER
-    types = recipe.ignored_types if backend == 'openvino' else recipe.ignored_onnx_types
-    if types:
-        kwargs['ignored_scope'] = nncf.IgnoredScope(types=list(types), validate=False)
+    if recipe.float_scopes:
+        kwargs['ignored_scope'] = nncf.IgnoredScope(patterns=list(recipe.float_scopes),
+                                                    validate=False)
     kwargs['advanced_parameters'] = AdvancedQuantizationParameters(
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=recipe.smooth_quant),
         overflow_fix=OverflowFix.ENABLE if cpu == 'avx2' else OverflowFix.FIRST_LAYER)
@@ -238,20 +250,44 @@ def compute_layer_precisions(path, threads=None):
     return layers
 
 
-def format_layer_precisions(layers):
-    """One line: how many of ``layers`` (:func:`compute_layer_precisions`) run in int8 on
-    this CPU, and the types of those left in float."""
+def in_scopes(name, scopes):
+    """Whether node ``name`` matches one of the regular expressions ``scopes`` (from the start,
+    as NNCF matches its ignored-scope patterns)."""
+    return any(re.match(pattern, name) for pattern in scopes)
+
+
+def format_layer_precisions(layers, float_scopes=()):
+    """One line: how many of ``layers`` (:func:`compute_layer_precisions`) that NNCF quantized
+    run in int8 on this CPU, the types of those left in float, and how many the recipe's
+    ``float_scopes`` kept float."""
     import collections
-    left = collections.Counter(kind for _, kind, p in layers if p not in ('i8', 'u8'))
-    kept = ', '.join(f'{n} {kind}' for kind, n in sorted(left.items()))
-    return (f'OpenVINO runs {len(layers) - sum(left.values())} of {len(layers)} compute layers '
-            f'in int8 on this CPU' + (f' (in float: {kept})' if kept else ''))
+    kept = [layer for layer in layers if in_scopes(layer[0], float_scopes)]
+    quantized = [layer for layer in layers if not in_scopes(layer[0], float_scopes)]
+    left = collections.Counter(kind for _, kind, p in quantized if p not in ('i8', 'u8'))
+    named = ', '.join(f'{n} {kind}' for kind, n in sorted(left.items()))
+    return (f'OpenVINO runs {len(quantized) - sum(left.values())} of {len(quantized)} '
+            f'quantized compute layers in int8 on this CPU'
+            + (f' (in float: {named})' if named else '')
+            + (f'; {len(kept)} more in float by the recipe\'s float scopes' if kept else ''))
 
 
 def format_report(report, bound):
     lines = [f'  {name}: max|int8-fp32|/max|fp32| {mx:.4f}, mean|int8-fp32|/mean|fp32| '
              f'{mean:.4f}{"" if mean <= bound else "  ABOVE BOUND"}' for name, mx, mean in report]
     return '\n'.join(lines)
+
+
+@contextlib.contextmanager
+def _nncf_warnings_only():
+    """NNCF's info log names every node of the ignored scopes (hundreds of lines for
+    Mobile-Former's token path): warnings only while it quantizes."""
+    logger = logging.getLogger('nncf')
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _quantize_openvino(float_path, calib, kwargs):
@@ -303,7 +339,8 @@ def quantize_file(float_path, out, calib, recipe, backend='openvino', cpu='vnni'
     from .runtime import read_metadata
     kwargs = nncf_arguments(recipe, backend, cpu)
     quantize_fn = _quantize_openvino if backend == 'openvino' else _quantize_onnx
-    quantized = quantize_fn(float_path, calib, kwargs)
+    with _nncf_warnings_only():
+        quantized = quantize_fn(float_path, calib, kwargs)
     float_meta = read_metadata(float_path)
     if backend == 'openvino':
         # the IR's outputs by the float file's names only (convert_model gives each the names
@@ -368,7 +405,8 @@ def quantize(model, shape, out, calib, check, backend='openvino', dynamic=False,
         log(f'INT8 vs float32 in {backend} on {len(check)} held-out image(s):\n'
             + format_report(report, bound))
         if backend == 'openvino':
-            log(format_layer_precisions(compute_layer_precisions(int8_path)))
+            log(format_layer_precisions(compute_layer_precisions(int8_path),
+                                        recipe.float_scopes))
         if keep_float:
             shutil.copyfile(float_path, keep_float)
         if worst > bound and not force:
@@ -383,5 +421,5 @@ def quantize(model, shape, out, calib, check, backend='openvino', dynamic=False,
 
 __all__ = ['QUANT_BACKENDS', 'PRECISION_KEY', 'RECIPES', 'Recipe', 'QuantizeError',
            'BoundError', 'recipe_for', 'nncf_arguments', 'images_from_dir', 'synthetic_images',
-           'config_inputs', 'error_report', 'compute_layer_precisions',
+           'config_inputs', 'error_report', 'compute_layer_precisions', 'in_scopes',
            'format_layer_precisions', 'quantize_file', 'quantize']

@@ -134,6 +134,12 @@ class _BridgedBlock(nn.Module):
         ca, cb = coeffs[:, :, None, None].split(self.hyper_split, dim=1)
         return ca, cb, (k, v)
 
+    def conv_dynamic_relu(self, conv, x, coeffs):
+        """The conv unit ``conv`` on ``x``, then dynamic ReLU with ``coeffs``
+        (:meth:`token_outputs`): the step a runtime's export stand-in may compute in another
+        form (:mod:`effbackbones.deploy.runtimes.openvino`)."""
+        return dynamic_relu(conv(x), coeffs, slopes=self.merged)
+
     @torch.no_grad()
     def switch_to_deploy(self):
         """Fold the BNs; merge the linears that read the updated tokens: ``global_local.k``
@@ -195,9 +201,8 @@ class InvertedBottleneckBlock(_BridgedBlock):
     def forward(self, x, tokens):
         tokens = self.update_tokens(x, tokens)
         coeffs1, coeffs2, kv = self.token_outputs(tokens)
-        out = dynamic_relu(self.conv1(x), coeffs1, slopes=self.merged)
-        out = dynamic_relu(self.conv2(out), coeffs2, slopes=self.merged)
-        out = self.conv3(out)
+        out = self.conv_dynamic_relu(self.conv1, x, coeffs1)
+        out = self.conv3(self.conv_dynamic_relu(self.conv2, out, coeffs2))
         if self.identity:
             out = self.drop_path(out) + x
         return self.global_local(out, tokens, kv), tokens
@@ -232,9 +237,8 @@ class DoubleDepthwiseBlock(_BridgedBlock):
     def forward(self, x, tokens):
         tokens = self.update_tokens(x, tokens)
         coeffs1, coeffs3, kv = self.token_outputs(tokens)
-        out = dynamic_relu(self.conv1(x), coeffs1, slopes=self.merged)
-        inner = self.conv2(out)
-        out = dynamic_relu(self.conv3(inner), coeffs3, slopes=self.merged)
+        inner = self.conv2(self.conv_dynamic_relu(self.conv1, x, coeffs1))
+        out = self.conv_dynamic_relu(self.conv3, inner, coeffs3)
         out = self.drop_path(self.conv4(out)) + inner
         out = self.global_local(out, tokens, kv)
         if self.identity:

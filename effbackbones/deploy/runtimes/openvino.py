@@ -15,7 +15,11 @@ model module                           stand-in
 ``ExportableGroupNorm``                input through :func:`channels_first`
 SwiftFormer ``EfficientAdditiveAtt.``  global query read from the channels-last pixels
 Mobile-Former bridges (deploy form)    pixels read in :func:`space_to_depth` blocks
+Mobile-Former split multiplier dw      dynamic ReLU per part, before the concatenation
 =====================================  ===================================================
+
+The last row is for INT8 files (:mod:`..quantize`): the concatenation then joins quantized
+maps, which OpenVINO does in int8; in a float32 file it changes nothing measurable.
 """
 import os
 
@@ -23,7 +27,9 @@ import torch
 
 from ...models.efficientformer import EfficientFormer
 from ...models.layers import ExportableGroupNorm
-from ...models.mobileformer import FormerToMobile, MobileFormer, MobileToFormer
+from ...models.mobileformer import (DoubleDepthwiseBlock, FormerToMobile, MobileFormer,
+                                    MobileToFormer)
+from ...models.mobileformer_layers import PartMajorDepthwise
 from ...models.swiftformer import EfficientAdditiveAttention
 from ..contract import BF16_ISA_WORDS, PRECISIONS, isa_capped_below
 from ..parts import BackboneMaps
@@ -212,16 +218,41 @@ class FormerToMobileForOpenVINO(RuntimeForm, FormerToMobile):
         return depth_to_space(out, block)
 
 
+class PartwiseDynamicReLUForOpenVINO(RuntimeForm, DoubleDepthwiseBlock):
+    """A split multiplier depthwise conv (:class:`PartMajorDepthwise`) is activated part by
+    part (each part's slopes: its slice of the part-major ``(a1 | a2)``), then concatenated.
+
+    Why: in an INT8 file the layer after the concatenation reads it quantized. Activated after
+    the concatenation, the concatenation joins float32 maps (OpenVINO's reference kernel) and
+    the dynamic ReLU quantizes the joined map; activated per part, each part's activation
+    quantizes its own map and OpenVINO concatenates int8 maps, a quarter of the bytes
+    (Mobile-Former-508M at 512x512: docs/benchmarks/intel-xeon-amx-int8.md)."""
+
+    def conv_dynamic_relu(self, conv, x, coeffs):
+        depthwise = conv[0]
+        if not isinstance(depthwise, PartMajorDepthwise):
+            return super().conv_dynamic_relu(conv, x, coeffs)
+        self.mark_applied()
+        per_channel = conv[1:]                 # what follows the conv is per channel (folded BN)
+        parts = len(depthwise.parts)
+        a1, a2 = (c.chunk(parts, dim=1) for c in coeffs.chunk(2, dim=1))
+        maps = [per_channel(part(x)) for part in depthwise.parts]
+        return torch.cat([torch.max(y * s1, y * s2) for y, s1, s2 in zip(maps, a1, a2)], dim=1)
+
+
 #: how messages name it
 NAME = 'OpenVINO'
-#: model module type -> its stand-in in a static graph tuned for OpenVINO; the bridges only in
-#: their deploy form (the eager form reads the map token-major anyway)
+#: model module type -> its stand-in in a static graph tuned for OpenVINO; Mobile-Former's
+#: bridges and blocks only in their deploy form (the eager bridges read the map token-major
+#: anyway; the eager blocks have no split convs)
 SUBSTITUTIONS = {
     BackboneMaps: _backbone_maps,
     ExportableGroupNorm: lambda m: adopt(GroupNormForOpenVINO, m),
     EfficientAdditiveAttention: lambda m: adopt(AdditiveAttentionForOpenVINO, m),
     MobileToFormer: lambda m: adopt(MobileToFormerForOpenVINO, m) if m.merged else None,
     FormerToMobile: lambda m: adopt(FormerToMobileForOpenVINO, m) if m.attend_map else None,
+    DoubleDepthwiseBlock:
+        lambda m: adopt(PartwiseDynamicReLUForOpenVINO, m) if m.merged else None,
 }
 
 
