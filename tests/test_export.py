@@ -126,10 +126,11 @@ def test_openvino_tuned_export_matches_the_pack_in_both_runtimes(variant, tmp_pa
 
 def test_openvino_tuning_only_where_the_blocks_fit(tmp_path):
     """The pixel blocks follow the traced sizes: 208x224 blocks the stride-8 maps (26x28) but
-    not the stride-16 ones (13x14, odd); the split depthwise convs are activated per part; a
-    dynamic export is never tuned. Each file passes the
-    export's own parity checks (both runtimes for the static one), and the export leaves the
-    model untuned (the stand-ins live in the traced copy only)."""
+    not the stride-16 ones (13x14, odd); the graph for int8 kernels reads no blocks (its bridges
+    read the pixel rows) and activates the split depthwise convs per part; a dynamic export is
+    never tuned. Each file passes the export's own parity checks (both runtimes for the static
+    ones), and the export leaves the model untuned (the stand-ins live in the traced copy
+    only)."""
     from effbackbones.deploy import RuntimeSession, build_backbone, export
     from effbackbones.models.mobileformer import (DoubleDepthwiseBlock, FormerToMobile,
                                                   MobileToFormer)
@@ -140,9 +141,18 @@ def test_openvino_tuning_only_where_the_blocks_fit(tmp_path):
     # stride 8: the Former->Mobile bridges of blocks 2 and 3 and the Mobile->Former bridges of
     # blocks 3 and 4 (the maps of blocks 4-6 are 13x14)
     assert (_op_count(static, 'SpaceToDepth'), _op_count(static, 'DepthToSpace')) == (4, 2)
+    assert _concats_of(static, 'Max') == 0
+    int8_form = str(tmp_path / 'int8_form.onnx')
+    reports = export(model, (208, 224), int8_form, runtime='openvino', form='int8',
+                     log=lambda *_: None)
+    assert [r.split(',')[0] for r in reports] == ['[onnxruntime vs PyTorch', '[openvino vs PyTorch']
+    assert (_op_count(int8_form, 'SpaceToDepth'), _op_count(int8_form, 'DepthToSpace')) == (0, 0)
     # the three bridged stride-2 blocks' two split multiplier depthwise convs each: dynamic ReLU
     # per part (Max), then the concatenation
-    assert _concats_of(static, 'Max') == 6
+    assert _concats_of(int8_form, 'Max') == 6
+    with pytest.raises(ValueError, match="form must be one of"):
+        export(model, (208, 224), str(tmp_path / 'x.onnx'), runtime='openvino', form='bf16',
+               log=lambda *_: None)
     export(model, (224, 224), dyn, dynamic=True, runtime='openvino', log=lambda *_: None)
     assert _op_count(dyn, 'SpaceToDepth') == 0 and _concats_of(dyn, 'Max') == 0
     assert RuntimeSession(dyn, 'onnxruntime').metadata['effbackbones.tuned_for'] == 'none'

@@ -55,9 +55,10 @@ from effbackbones.deploy.contract import BACKENDS  # noqa: E402
 #: PyTorch forms, then every ONNX runtime (each runs the static file exported for it)
 RUNTIMES = ('eager', 'deploy', 'compile') + BACKENDS
 #: opt-in columns on the OpenVINO-tuned float32 file's weights: that file with bfloat16
-#: inference, its NNCF INT8 quantization (effbackbones.deploy.quantize; docs/int8.md) with the
-#: layers left in float run in float32 (what a CPU without native bf16 does) or in bfloat16
-#: (OpenVINO's default on CPUs with AMX / AVX512-BF16)
+#: inference, the NNCF INT8 quantization of those weights' graph for int8 kernels
+#: (effbackbones.deploy.quantize; docs/int8.md) with the layers left in float run in float32
+#: (what a CPU without native bf16 does) or in bfloat16 (OpenVINO's default on CPUs with AMX /
+#: AVX512-BF16)
 LOW_PRECISION = ('openvino-bf16', 'openvino-int8', 'openvino-int8-bf16')
 INT8_COLUMNS = {'openvino-int8': 'float32', 'openvino-int8-bf16': 'bfloat16'}
 
@@ -166,10 +167,11 @@ def build_variants(cls, arch, x, runtimes=RUNTIMES, alternatives=True, threads=N
 
 
 def low_precision_variants(cls, arch, dep, x, runtimes, threads, tmpdir):
-    """The OpenVINO-tuned float32 file of ``dep`` run with bfloat16 inference and quantized to
-    INT8 (NNCF, the family's recipe), calibrated on 8 random inputs drawn like the timed one
-    (their scales then fit it, so the rel diff column means something), for this CPU's int8
-    kernels (``cpu_int8_kind``: the overflow fix where it has no VNNI)."""
+    """The OpenVINO-tuned float32 file of ``dep`` run with bfloat16 inference, and its graph for
+    int8 kernels (``form='int8'``) quantized to INT8 (NNCF, the family's recipe), calibrated on
+    8 random inputs drawn like the timed one (their scales then fit it, so the rel diff column
+    means something), for this CPU's int8 kernels (``cpu_int8_kind``: the overflow fix where it
+    has no VNNI)."""
     from effbackbones.deploy.contract import cpu_int8_kind
     from effbackbones.deploy.export import BackboneMaps, export_module
     from effbackbones.deploy.quantize import quantize_file, recipe_for
@@ -180,9 +182,12 @@ def low_precision_variants(cls, arch, dep, x, runtimes, threads, tmpdir):
         if not osp.isfile(path):
             export_module(BackboneMaps(copy.deepcopy(dep)), x, path, runtime='openvino')
         if set(INT8_COLUMNS) & set(runtimes):
+            int8_form = osp.join(tmpdir, f'{cls.__name__}_{arch}_openvino_int8_form.onnx')
+            export_module(BackboneMaps(copy.deepcopy(dep)), x, int8_form, runtime='openvino',
+                          form='int8')
             g = torch.Generator().manual_seed(1)
             calib = [torch.randn(x.shape, generator=g) for _ in range(8)]
-            int8 = quantize_file(path, osp.join(tmpdir, f'{cls.__name__}_{arch}_int8.xml'),
+            int8 = quantize_file(int8_form, osp.join(tmpdir, f'{cls.__name__}_{arch}_int8.xml'),
                                  calib, recipe_for(dep), cpu=cpu_int8_kind() or 'vnni')
     except Exception as exc:     # noqa: BLE001 - reported in the table
         return [(rt, None, f'failed: {_short(exc)}') for rt in runtimes]

@@ -66,7 +66,9 @@ def parse_args(argv=None):
                         '(every x86 CPU: NNCF overflow fix, needed where there is no VNNI); '
                         "default: this CPU's kind")
     p.add_argument('--keep-float', metavar='FILE.onnx',
-                   help='also write the float32 ONNX file the INT8 one was made from')
+                   help='also write the float32 ONNX file the INT8 one was made from (the '
+                        'graph form for int8 kernels; tools/export_onnx.py writes the fastest '
+                        'float32 file)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                    help='with CONFIG: override settings, e.g. train_dataloader.dataset.data_root=D')
     p.add_argument('--out', required=True, help='the .xml (openvino) or .onnx (onnxruntime)')

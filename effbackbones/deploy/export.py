@@ -28,7 +28,9 @@ A static graph can be tuned for one runtime (``runtime='openvino'``): the export
 of the model in which the runtime's substitution table (:mod:`.runtimes`) has replaced the
 modules it runs faster in another form (:mod:`.substitution`); the file is tagged
 ``effbackbones.tuned_for`` that runtime only where a stand-in took its own form, still runs in
-every runtime with the same outputs, and is checked in both.
+every runtime with the same outputs, and is checked in both. A graph that will be quantized
+(``form='int8'``, :mod:`.quantize`) takes the runtime's INT8 table instead, tuned for its int8
+kernels.
 
 After writing the file, :func:`check_onnx_parity` runs it in onnxruntime on a random input and
 raises :class:`ParityError` when an output is outside the reference-pack tolerance
@@ -179,30 +181,31 @@ def _export_equivalent(m):
     return None
 
 
-def export_form(part, runtime='onnxruntime', dynamic=False):
+def export_form(part, runtime='onnxruntime', dynamic=False, form='float32'):
     """The copy of ``part`` that gets traced: modules whose default ONNX graph is less accurate
     (``nn.GroupNorm``: its InstanceNormalization graph is one long float32 sum in onnxruntime /
     OpenVINO; see :class:`~effbackbones.models.layers.ExportableGroupNorm`) or frozen to the
     traced size (:class:`ScaleUpsample`) replaced by equivalents, and in a static graph the
-    modules of ``runtime``'s substitution table by their stand-ins. ``part`` is left as it is.
-    Returns ``(copy, stand_ins)``.
+    modules of ``runtime``'s substitution table for a graph of ``form`` (``'float32'`` /
+    ``'int8'``: to be quantized) by their stand-ins. ``part`` is left as it is. Returns
+    ``(copy, stand_ins)``.
 
     The copy is of the module tree; its parameters and buffers are ``part``'s own tensors: fresh
     tensors would restart the version counters that tell a pinned attention bias from a stale
     one, and the static graph would compute the biases again."""
     shared = {id(t): t for t in itertools.chain(part.parameters(), part.buffers())}
-    form = replace_modules(copy.deepcopy(part, shared), _export_equivalent)
+    form_copy = replace_modules(copy.deepcopy(part, shared), _export_equivalent)
     if dynamic:
         # the stand-ins choose their form from the traced sizes
-        return form, []
-    return substitute(form, substitutions(runtime))
+        return form_copy, []
+    return substitute(form_copy, substitutions(runtime, form))
 
 
 def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None,
-                  runtime='onnxruntime'):
+                  runtime='onnxruntime', form='float32'):
     """Trace ``part`` (an :func:`~.parts.exportable_part`) on ``dummy`` and write ``out``, a
-    static graph tuned for ``runtime`` (:func:`export_form`; the file runs in every runtime);
-    returns the PyTorch outputs for ``dummy``."""
+    static graph tuned for ``runtime`` as a graph of ``form`` (:func:`export_form`; the file
+    runs in every runtime); returns the PyTorch outputs for ``dummy``."""
     if runtime not in BACKENDS:
         raise ExportError(f'runtime must be one of {BACKENDS}, got {runtime!r}')
     part.eval()
@@ -219,7 +222,7 @@ def export_module(part, dummy, out, dynamic=False, opset=OPSET, metadata=None,
             dynamic_axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'}
                                  for n in names})
         os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
-        traced, stand_ins = export_form(part, runtime, dynamic)
+        traced, stand_ins = export_form(part, runtime, dynamic, form)
         _quiet_export(traced, (dummy,), out, input_names=['input'], output_names=names,
                       opset_version=opset, dynamic_axes=dynamic_axes,
                       do_constant_folding=True, dynamo=False)
@@ -277,7 +280,7 @@ def parity_inputs(in_channels, shape, batch, dynamic, size_divisor=32, seed=0,
 
 
 def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, opset=OPSET,
-           metadata=None, end2end=False, runtime='onnxruntime', log=print):
+           metadata=None, end2end=False, runtime='onnxruntime', form='float32', log=print):
     """Export a backbone or an mm model (see the module docstring) and check it in onnxruntime
     (and in ``runtime`` when it is another).
 
@@ -293,6 +296,8 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
             :class:`ExportError`.
         runtime: the runtime a static graph is tuned for (:func:`export_form`); the file
             runs in both, the tuned one is faster there.
+        form: ``'float32'``, or ``'int8'`` for a graph that will be quantized
+            (:mod:`.quantize`): the runtime's stand-ins for int8 kernels.
 
     Returns the parity reports (empty when ``check`` is False).
     """
@@ -315,7 +320,7 @@ def export(model, shape, out, batch=1, dynamic=False, deploy=True, check=True, o
     if backbone.size_divisor:
         metadata = dict(metadata or {}, **{SIZE_DIVISOR_KEY: str(backbone.size_divisor)})
     export_module(part, inputs[0], out, dynamic=dynamic, opset=opset, metadata=metadata,
-                  runtime=runtime)
+                  runtime=runtime, form=form)
     free = 'height/width' if end2end else 'batch/height/width'
     tuned_for = read_metadata(out)[TUNED_FOR_KEY]
     tuned = f', tuned for {tuned_for}' if tuned_for != 'none' else ''

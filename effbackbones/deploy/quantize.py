@@ -1,7 +1,8 @@
 """Post-training INT8 quantization (NNCF) of the files :mod:`.export` writes.
 
 The float32 graph is exported first with :func:`~effbackbones.deploy.export.export` (deploy form,
-static unless asked otherwise, parity-checked), then quantized by NNCF on calibration images:
+static unless asked otherwise, tuned for the runtime's int8 kernels: ``form='int8'``,
+parity-checked), then quantized by NNCF on calibration images:
 
 * ``backend='openvino'``: the ONNX file converted by ``ov.convert_model`` (constants folded),
   ``nncf.quantize`` on the ``ov.Model`` -> an OpenVINO IR (``.xml`` + ``.bin``) with FakeQuantize
@@ -88,8 +89,9 @@ RECIPES = {
         float_scopes=MOBILE_FORMER_TOKEN_PATH,
         why='transformer type: dynamic-ReLU products and bridge adds stay float (CNN type: '
             'deeper maps 1.6-2.5x worse); SmoothQuant: no gain; the token path (bridges, '
-            'Former, token linears) left float: its attention MatMuls run in float anyway and '
-            'its linears see 6 tokens, so quantizing it only adds FakeQuantize work'),
+            'Former, token linears) left float: its MatMuls mix the maps with 6 tokens or see '
+            '6 tokens only, int8 kernels save nothing there and FakeQuantize work and error '
+            'grow'),
 }
 
 
@@ -369,8 +371,10 @@ def quantize(model, shape, out, calib, check, backend='openvino', dynamic=False,
 
     ``cpu``: the CPUs the file is for (:data:`~.contract.INT8_CPUS`; default: this CPU's kind,
     on which the error is checked). ``keep_float``: also keep the float32 ONNX file there (the
-    same weights, e.g. for tools/benchmark.py or a float32 evaluation). Returns the error report
-    (:func:`error_report`); raises :class:`BoundError` (nothing written) above the bound.
+    same weights and outputs, e.g. for a float32 evaluation; its graph is the INT8 form, which
+    may run slower in float32 than the file :func:`export` writes by default). Returns the error
+    report (:func:`error_report`); raises :class:`BoundError` (nothing written) above the
+    bound.
     """
     from .export import effb_backbone
     if backend not in QUANT_BACKENDS:
@@ -392,9 +396,10 @@ def quantize(model, shape, out, calib, check, backend='openvino', dynamic=False,
     bound = recipe.bound if bound is None else float(bound)
     with tempfile.TemporaryDirectory() as tmp:
         float_path = osp.join(tmp, 'float32.onnx')
-        # the graph tuned for the runtime that will run the INT8 file; parity-checked
+        # the graph tuned for the int8 kernels of the runtime that will run the INT8 file;
+        # parity-checked
         export(model, shape, float_path, dynamic=dynamic, metadata=metadata, runtime=backend,
-               log=log)
+               form='int8', log=log)
         log(f'quantizing for {cpu} CPUs with NNCF on {len(calib)} calibration image(s) '
             f'({type(effb_backbone(model)).__name__}: {recipe.why}; '
             f'SmoothQuant {"off" if recipe.smooth_quant < 0 else recipe.smooth_quant})')

@@ -1,5 +1,5 @@
 """OpenVINO (CPU plugin): float32 or bfloat16 sessions, and the export stand-ins of a static
-graph tuned for it.
+graph tuned for it, run in float (:data:`SUBSTITUTIONS`) or quantized (:data:`INT8_SUBSTITUTIONS`).
 
 The one fact the stand-ins work around (OpenVINO 2026.4, CPU plugin): it runs convolutions
 channels-last, and its float32 channels-last -> channels-first reorder of a map with 16 to 64
@@ -15,11 +15,21 @@ model module                           stand-in
 ``ExportableGroupNorm``                input through :func:`channels_first`
 SwiftFormer ``EfficientAdditiveAtt.``  global query read from the channels-last pixels
 Mobile-Former bridges (deploy form)    pixels read in :func:`space_to_depth` blocks
-Mobile-Former split multiplier dw      dynamic ReLU per part, before the concatenation
 =====================================  ===================================================
 
-The last row is for INT8 files (:mod:`..quantize`): the concatenation then joins quantized
-maps, which OpenVINO does in int8; in a float32 file it changes nothing measurable.
+A graph that will be quantized (:mod:`..quantize`) is another case: OpenVINO's int8
+convolutions write their maps channels-last, and the layers after a dynamic ReLU read them
+quantized. Its table takes Mobile-Former's bridges and blocks in other forms (Mobile-Former-508M
+at 512x512, docs/benchmarks/intel-xeon-amx-int8.md: its INT8 file runs 1.42-1.47x the float32
+file when quantized from the float table's graph, 1.54-1.61x from this one; a float32 file is
+~10% slower in these forms, hence two tables):
+
+=====================================  ===================================================
+model module                           stand-in in :data:`INT8_SUBSTITUTIONS`
+=====================================  ===================================================
+Mobile-Former bridges (deploy form)    pixels read as the channels-last ``(B, HW, C)`` rows
+Mobile-Former split multiplier dw      dynamic ReLU per part, before the concatenation
+=====================================  ===================================================
 """
 import os
 
@@ -218,6 +228,67 @@ class FormerToMobileForOpenVINO(RuntimeForm, FormerToMobile):
         return depth_to_space(out, block)
 
 
+def pixel_rows(x):
+    """``(B, C, H, W) -> (B, HW, C)``: the pixels as rows, which is the memory of a
+    channels-last map as it is (OpenVINO drops the transpose)."""
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def head_block_diagonal(per_head):
+    """``(B, h, c, M)`` per-head matrices -> ``(B, h * c, h * M)`` with head ``i``'s on the
+    diagonal and exact zeros elsewhere: one MatMul of the ``(B, HW, C)`` pixel rows serves all
+    heads (``h`` times the multiply-adds of a few tokens, and no split of the channels)."""
+    b, heads, c, m = per_head.shape
+    eye = torch.eye(heads, dtype=per_head.dtype, device=per_head.device)
+    return (per_head[:, :, :, None, :] * eye[None, :, None, :, None]).reshape(
+        b, heads * c, heads * m)
+
+
+class MobileToFormerPixelRows(RuntimeForm, MobileToFormer):
+    """The tokens attend to the :func:`pixel_rows` of the map: logits ``(B, HW, h*M)`` from one
+    MatMul with the block-diagonal queries, transposed while small so that the softmax
+    reductions run along the pixels' contiguous axis; the softmax is taken unnormalised and its
+    sums divide the ``(B, h, M, c)`` result."""
+
+    def _attend(self, x, q, shape):
+        self.mark_applied()
+        b, c, _, _ = shape
+        heads, m = self.num_heads, q.shape[2]
+        rows = pixel_rows(x)                                                    # B,HW,C
+        queries = head_block_diagonal(q.transpose(-1, -2)).transpose(1, 2)     # B,hM,C
+        logits = queries @ rows.transpose(1, 2)                                 # B,hM,HW
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        mixed = (weights @ rows).reshape(b, heads, m, heads, c // heads)       # B,h,M,h,c
+        eye = torch.eye(heads, dtype=x.dtype, device=x.device)
+        mixed = (mixed * eye[None, :, None, :, None]).sum(dim=3)               # own head's
+        return mixed / weights.sum(dim=-1).reshape(b, heads, m, 1)
+
+
+class FormerToMobilePixelRows(RuntimeForm, FormerToMobile):
+    """Each of the :func:`pixel_rows` attends to the tokens: logits ``(B, HW, h*M)`` from one
+    MatMul with the block-diagonal keys; the softmax over each head's tokens is taken
+    unnormalised and its per-head sums come from a MatMul with a block-diagonal of ones (a
+    normalising division of the weights themselves would become OpenVINO's Softmax over 6
+    tokens, which is slow). The result is added to the rows and handed back as a map."""
+
+    def _attend_map(self, x, k, v):
+        self.mark_applied()
+        b, c, h, w = x.shape
+        heads, m = self.num_heads, k.shape[-1]
+        rows = pixel_rows(x)                                                    # B,HW,C
+        logits = (rows @ head_block_diagonal(k)).reshape(b, h * w, heads, m)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        weights = (logits - logits.amax(dim=-1, keepdim=True)).exp().reshape(b, h * w, -1)
+        mixed = weights @ head_block_diagonal(v).transpose(1, 2)               # B,HW,C
+        sums = weights @ head_block_diagonal(torch.ones_like(v)).transpose(1, 2)
+        rows = rows + self.drop_path(mixed / sums)
+        return rows.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
 class PartwiseDynamicReLUForOpenVINO(RuntimeForm, DoubleDepthwiseBlock):
     """A split multiplier depthwise conv (:class:`PartMajorDepthwise`) is activated part by
     part (each part's slopes: its slice of the part-major ``(a1 | a2)``), then concatenated.
@@ -251,6 +322,13 @@ SUBSTITUTIONS = {
     EfficientAdditiveAttention: lambda m: adopt(AdditiveAttentionForOpenVINO, m),
     MobileToFormer: lambda m: adopt(MobileToFormerForOpenVINO, m) if m.merged else None,
     FormerToMobile: lambda m: adopt(FormerToMobileForOpenVINO, m) if m.attend_map else None,
+}
+#: the same for a graph that will be quantized: Mobile-Former's bridges on the pixel rows, its
+#: split depthwise convs activated per part
+INT8_SUBSTITUTIONS = {
+    **SUBSTITUTIONS,
+    MobileToFormer: lambda m: adopt(MobileToFormerPixelRows, m) if m.merged else None,
+    FormerToMobile: lambda m: adopt(FormerToMobilePixelRows, m) if m.attend_map else None,
     DoubleDepthwiseBlock:
         lambda m: adopt(PartwiseDynamicReLUForOpenVINO, m) if m.merged else None,
 }
@@ -308,6 +386,7 @@ class Session:
         return [result[o] for o in self._compiled.outputs]
 
 
-__all__ = ['NAME', 'SUBSTITUTIONS', 'PRECISIONS', 'compile_config', 'Session', 'SLOW_REORDER_CHANNELS',
-           'channels_first', 'pixel_block', 'space_to_depth', 'depth_to_space',
+__all__ = ['NAME', 'SUBSTITUTIONS', 'INT8_SUBSTITUTIONS', 'PRECISIONS', 'compile_config',
+           'Session', 'SLOW_REORDER_CHANNELS', 'channels_first', 'pixel_block', 'pixel_rows',
+           'head_block_diagonal', 'space_to_depth', 'depth_to_space',
            'check_native_bf16']
