@@ -246,10 +246,10 @@ def head_block_diagonal(per_head):
 
 
 class MobileToFormerPixelRows(RuntimeForm, MobileToFormer):
-    """The tokens attend to the :func:`pixel_rows` of the map: logits ``(B, HW, h*M)`` from one
-    MatMul with the block-diagonal queries, transposed while small so that the softmax
-    reductions run along the pixels' contiguous axis; the softmax is taken unnormalised and its
-    sums divide the ``(B, h, M, c)`` result."""
+    """The tokens attend to the :func:`pixel_rows` of the map: logits ``(B, h*M, HW)`` from one
+    MatMul of the block-diagonal queries with the transposed rows (a MatMul input OpenVINO
+    reads transposed, no copy), so that the softmax reductions run along the contiguous pixel
+    axis; the softmax is taken unnormalised and its sums divide the ``(B, h, M, c)`` result."""
 
     def _attend(self, x, q, shape):
         self.mark_applied()
@@ -314,8 +314,7 @@ class PartwiseDynamicReLUForOpenVINO(RuntimeForm, DoubleDepthwiseBlock):
 #: how messages name it
 NAME = 'OpenVINO'
 #: model module type -> its stand-in in a static graph tuned for OpenVINO; Mobile-Former's
-#: bridges and blocks only in their deploy form (the eager bridges read the map token-major
-#: anyway; the eager blocks have no split convs)
+#: bridges only in their deploy form (the eager form reads the map token-major anyway)
 SUBSTITUTIONS = {
     BackboneMaps: _backbone_maps,
     ExportableGroupNorm: lambda m: adopt(GroupNormForOpenVINO, m),
@@ -324,7 +323,8 @@ SUBSTITUTIONS = {
     FormerToMobile: lambda m: adopt(FormerToMobileForOpenVINO, m) if m.attend_map else None,
 }
 #: the same for a graph that will be quantized: Mobile-Former's bridges on the pixel rows, its
-#: split depthwise convs activated per part
+#: split depthwise convs activated per part (deploy forms only: the eager blocks have no split
+#: convs)
 INT8_SUBSTITUTIONS = {
     **SUBSTITUTIONS,
     MobileToFormer: lambda m: adopt(MobileToFormerPixelRows, m) if m.merged else None,
