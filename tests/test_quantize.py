@@ -42,11 +42,12 @@ CASES = [f + ('openvino',) for f in FAMILIES] + \
 
 @pytest.mark.parametrize('cls_name,arch,kw,backend', CASES,
                          ids=[f'{c[0]}-{c[3]}' for c in CASES])
-def test_int8_file_near_float32(cls_name, arch, kw, backend, tmp_path):
+def test_int8_file_near_float32(cls_name, arch, kw, backend, tmp_path, capfd):
     """The INT8 file of each family, in the runtime it is written for: on the held-out scenes
     the tool checked it on, every map within the family's bound of PyTorch float32 (mean
     relative error; recomputed here), and measurably not the float file; in OpenVINO most
-    compute layers really run in int8."""
+    compute layers really run in int8, as the tool's log says, and NNCF's per-node info lines
+    stay out of it."""
     from effbackbones.deploy import RuntimeSession, build_backbone
     from effbackbones.deploy.contract import cpu_int8_kind
     from effbackbones.deploy.quantize import (compute_layer_precisions, in_scopes, quantize,
@@ -55,7 +56,9 @@ def test_int8_file_near_float32(cls_name, arch, kw, backend, tmp_path):
     model = build_backbone(cls_name, arch, **kw)
     out = str(tmp_path / ('int8.xml' if backend == 'openvino' else 'int8.onnx'))
     calib, check = synthetic_images(8, SHAPE, seed=0), synthetic_images(2, SHAPE, seed=1)
-    report = quantize(model, SHAPE, out, calib, check, backend=backend, log=lambda *_: None)
+    logs = []
+    report = quantize(model, SHAPE, out, calib, check, backend=backend, log=logs.append)
+    assert 'Not adding activation input quantizer' not in capfd.readouterr().out
     bound = recipe_for(model).bound
     session = RuntimeSession(out, backend, threads=1)
     assert session.metadata['effbackbones.precision'] == 'int8'
@@ -81,6 +84,15 @@ def test_int8_file_near_float32(cls_name, arch, kw, backend, tmp_path):
         layers = [layer for layer in layers if not in_scopes(layer[0], scopes)]
         in_float = {(kind, name) for name, kind, p in layers if p not in ('i8', 'u8')}
         assert len(in_float) <= 0.25 * len(layers), sorted(in_float)
+        said = [line for line in logs if line.startswith('OpenVINO runs ')]
+        assert said and said[0].startswith(
+            f'OpenVINO runs {len(layers) - len(in_float)} of {len(layers)} quantized compute '
+            f'layers in int8 on this CPU'), said
+        if kept:
+            assert said[0].endswith(f"; {len(kept)} more in float by the recipe's float "
+                                    f"scopes"), said
+        else:
+            assert 'by the recipe' not in said[0], said
         if cpu_int8_kind() == 'vnni':
             # every convolution and fully-connected layer in int8, depthwise ones included
             # (their weights constant-folded before NNCF); only activation x activation MatMuls
@@ -226,7 +238,7 @@ def test_int8_for_cpus_without_vnni(tmp_path):
     # both files from one float file, without the tool's check (which runs the file here: a
     # VNNI file cannot run on a CI machine without VNNI)
     float_path = str(tmp_path / 'float32.onnx')
-    export(model, SHAPE, float_path, runtime='openvino', log=lambda *_: None)
+    export(model, SHAPE, float_path, runtime='openvino', form='int8', log=lambda *_: None)
     paths = {}
     for cpu in ('vnni', 'avx2'):
         paths[cpu] = str(tmp_path / f'{cpu}.xml')
